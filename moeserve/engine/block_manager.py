@@ -1,0 +1,115 @@
+"""Paged KV cache bookkeeping: which block ids each sequence holds, and how many holders a block has.
+
+The cache is num_blocks blocks of block_size token slots. A sequence's block_table lists its block
+ids in position order: position p lives in block block_table[p // block_size], slot p % block_size.
+Blocks are shared only by forking (n > 1), and only blocks that are full and never written again,
+so a shared block never needs copying. Plain Python: no torch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from typing import Iterable, Protocol
+
+
+class HoldsBlocks(Protocol):
+    """What the block manager needs from a sequence (moeserve.request.Sequence has it)."""
+
+    block_table: list[int]
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int = 16) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self._free: deque[int] = deque(range(num_blocks))
+        self._ref_counts = [0] * num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by at least one sequence, in [0, 1]."""
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref_counts[block_id]
+
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def blocks_needed(self, seq: HoldsBlocks, num_tokens: int) -> int:
+        """New blocks seq needs so that its table covers positions [0, num_tokens)."""
+        return max(0, self.blocks_for_tokens(num_tokens) - len(seq.block_table))
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self._free)
+
+    def can_grow(self, seq: HoldsBlocks, num_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_tokens) <= len(self._free)
+
+    def allocate_for(self, seq: HoldsBlocks, num_tokens: int) -> None:
+        """Grow seq.block_table to cover num_tokens tokens; no-op if it already does."""
+        needed = self.blocks_needed(seq, num_tokens)
+        if needed > len(self._free):
+            raise RuntimeError(f"need {needed} KV blocks but only {len(self._free)} are free; "
+                               "check can_grow() first")
+        table = seq.block_table
+        for _ in range(needed):
+            block_id = self._free.popleft()
+            self._ref_counts[block_id] = 1
+            table.append(block_id)
+
+    def free(self, seq: HoldsBlocks) -> None:
+        """Drop seq's hold on its blocks; blocks nobody holds return to the free list."""
+        table = seq.block_table
+        # A new list rather than clear(): a batch already handed to the runner may still read the
+        # old one, and it must not change under it.
+        seq.block_table = []
+        for block_id in table:
+            self._ref_counts[block_id] -= 1
+            if self._ref_counts[block_id] == 0:
+                self._free.append(block_id)
+
+    def fork(self, parent: HoldsBlocks, child: HoldsBlocks, num_tokens: int) -> int:
+        """Share with child the parent's blocks that lie wholly inside positions [0, num_tokens).
+
+        Only whole blocks are shared, so the child writes its own tokens past them into blocks of
+        its own and no shared block is ever written. Returns the number of tokens the shared blocks
+        cover: the child's num_computed_tokens.
+        """
+        if child.block_table:
+            raise ValueError("fork() needs a child that holds no blocks yet")
+        num_shared = min(num_tokens // self.block_size, len(parent.block_table))
+        child.block_table = parent.block_table[:num_shared]
+        for block_id in child.block_table:
+            self._ref_counts[block_id] += 1
+        return num_shared * self.block_size
+
+    def check_invariants(self, live_seqs: Iterable[HoldsBlocks]) -> None:
+        """Raise AssertionError unless ref counts match the live block tables exactly.
+
+        For tests and debugging: O(total blocks). live_seqs must be every sequence holding blocks.
+        """
+        holders: Counter[int] = Counter()
+        for seq in live_seqs:
+            if len(set(seq.block_table)) != len(seq.block_table):
+                raise AssertionError(f"a block table lists a block twice: {seq.block_table}")
+            holders.update(seq.block_table)
+        for block_id, count in enumerate(self._ref_counts):
+            if count != holders.get(block_id, 0):
+                raise AssertionError(f"block {block_id}: ref count {count}, "
+                                     f"held by {holders.get(block_id, 0)} live sequences")
+        free = set(self._free)
+        if len(free) != len(self._free):
+            raise AssertionError("the free list holds a block twice")
+        if free & holders.keys():
+            raise AssertionError(f"blocks both free and held: {sorted(free & holders.keys())}")
+        if len(free) + len(holders) != self.num_blocks:
+            raise AssertionError(f"{len(free)} free + {len(holders)} held != {self.num_blocks} blocks")

@@ -1,0 +1,138 @@
+"""GQA self-attention over a paged KV cache, for any mix of prefill chunks and decodes.
+
+Legend: T tokens in the step, B decode sequences, L context length, NH query heads,
+NKV key/value heads, D head dim, NB KV blocks, BS block size, H hidden.
+
+The flat batch holds the decode tokens first (one per sequence), then each prefill chunk.
+Decodes run as one padded SDPA call over their gathered contexts; each prefill chunk runs its
+own SDPA call (its queries are many, so padding them to a common length would waste compute).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.layers.norm import RMSNorm
+from moeserve.layers.rotary import RotaryEmbedding
+from moeserve.models.config import MoEModelConfig
+
+
+@dataclass
+class PrefillChunk:
+    q_start: int                 # first row of this chunk in the flat batch
+    q_end: int
+    start_pos: int               # position of the chunk's first token (tokens already cached)
+    context_slots: torch.Tensor  # [start_pos + n] int64 cache slots of the whole context
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor          # [T] int64
+    slot_mapping: torch.Tensor       # [T] int64, flat cache slot where each token's K/V is written
+    num_decodes: int                 # rows [0, num_decodes) are decode tokens
+    decode_slots: torch.Tensor | None = None    # [B, Lmax] int64 (padding points at slot 0)
+    decode_lens: torch.Tensor | None = None     # [B] int64 context length including the new token
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    _decode_masks: dict = field(default_factory=dict)  # window -> [B, 1, 1, Lmax] bool, built once a step
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        mask = self._decode_masks.get(window)
+        if mask is None:
+            assert self.decode_slots is not None and self.decode_lens is not None
+            cols = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)  # [Lmax]
+            lens = self.decode_lens[:, None]                                                 # [B, 1]
+            mask = cols[None, :] < lens                                                      # [B, Lmax]
+            if window is not None:
+                mask &= cols[None, :] > lens - 1 - window
+            mask = mask[:, None, None, :]
+            self._decode_masks[window] = mask
+        return mask
+
+
+def prefill_mask(start_pos: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[n, start_pos + n] bool, or None when plain causal attention (is_causal) applies."""
+    if start_pos == 0 and window is None:
+        return None
+    q_pos = torch.arange(start_pos, start_pos + n, device=device)[:, None]     # [n, 1]
+    k_pos = torch.arange(start_pos + n, device=device)[None, :]                # [1, L]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: MoEModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_size, self.kv_size = q_size, kv_size
+        self.qkv = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)  # fused: one weight read
+        self.o = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "full":      # OLMoE: norm over the whole projection, before splitting heads
+            self.q_norm, self.k_norm = RMSNorm(q_size, cfg.rms_norm_eps), RMSNorm(kv_size, cfg.rms_norm_eps)
+        elif cfg.qk_norm == "per_head":  # Qwen3-MoE: norm over each head's D
+            self.q_norm, self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps), RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.clip_qkv = cfg.clip_qkv
+        self.window = cfg.sliding_windows[layer_idx]
+        self.rotary = rotary
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # x [T, H]; kv_cache [2, NB, BS, NKV, D]
+        q, k, v = self._project(x)                                   # [T, NH, D], [T, NKV, D] x2
+        q, k = self.rotary(meta.positions, q, k)
+        k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [NB*BS, NKV, D]
+        v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
+        out = torch.empty_like(q)                                    # [T, NH, D]
+        if meta.num_decodes:
+            out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], k_flat, v_flat, meta)
+        for chunk in meta.prefills:
+            out[chunk.q_start: chunk.q_end] = self._prefill(q, k, v, k_flat, v_flat, chunk)
+        return self.o(out.view(out.shape[0], -1))                    # [T, H]
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        qkv = self.qkv(x)                                            # [T, (NH + 2 NKV) D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        t = x.shape[0]
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def _decode(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # q [B, NH, D] -> [B, NH, 1, D]; contexts gathered [B, Lmax, NKV, D] -> [B, NKV, Lmax, D]
+        keys = k_flat[meta.decode_slots].transpose(1, 2)
+        values = v_flat[meta.decode_slots].transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], keys, values, attn_mask=meta.decode_mask(self.window),
+            scale=self.scale, enable_gqa=True)
+        return out[:, :, 0, :]                                       # [B, NH, D]
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor,
+                 v_flat: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+        rows = slice(chunk.q_start, chunk.q_end)
+        if chunk.start_pos == 0:   # the whole context is this chunk: use it as computed
+            keys, values = k[rows], v[rows]                          # [n, NKV, D]
+        else:
+            keys, values = k_flat[chunk.context_slots], v_flat[chunk.context_slots]  # [L, NKV, D]
+        n = chunk.q_end - chunk.q_start
+        mask = prefill_mask(chunk.start_pos, n, self.window, q.device)
+        out = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+            attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
+        return out[0].transpose(0, 1)                                # [n, NH, D]

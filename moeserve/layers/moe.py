@@ -1,0 +1,138 @@
+"""Gated Mixture-of-Experts layer: router, stacked experts, weighted combine, shared expert.
+
+Legend: T tokens, E experts (E_local on this rank), K top-k, H hidden, I expert intermediate,
+R = T*K routes.
+
+Dispatch sorts the R routes by expert so each expert works on one contiguous slice, then runs
+every expert in one grouped matmul (F.grouped_mm; measured on this CPU: as fast as or faster
+than a per-expert loop of F.linear at every T, and it needs no host sync for the slice bounds).
+Per-expert counts are returned beside the output as a device tensor: no .item(), no sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    num_experts: int
+    top_k: int
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in [1, {self.num_experts}], got {self.top_k}")
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring must be softmax or sigmoid, got {self.scoring!r}")
+
+
+@dataclass
+class Routing:
+    expert_ids: torch.Tensor  # [T, K] int64
+    weights: torch.Tensor     # [T, K] float32
+    counts: torch.Tensor      # [E] int64 routes chosen per expert
+
+
+def route(logits: torch.Tensor, cfg: RoutingConfig) -> Routing:
+    """Top-k routing. logits [T, E] -> Routing. Scores are computed in float32 as every reference does."""
+    scores = logits.float().softmax(-1) if cfg.scoring == "softmax" else logits.float().sigmoid()  # [T, E]
+    weights, expert_ids = torch.topk(scores, cfg.top_k, dim=-1)                                     # [T, K]
+    if cfg.renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    counts = torch.bincount(expert_ids.flatten(), minlength=cfg.num_experts)                        # [E]
+    return Routing(expert_ids, weights, counts)
+
+
+class Experts(nn.Module):
+    """E stacked SwiGLU experts: w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I].
+
+    Stacking makes expert parallelism a slice of dim 0: a rank holds experts
+    [first_expert, first_expert + E_local).
+    """
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int,
+                 first_expert: int = 0, num_local: int | None = None) -> None:
+        super().__init__()
+        num_local = num_experts if num_local is None else num_local
+        self.holds_all = first_expert == 0 and num_local == num_experts
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * intermediate, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, intermediate))
+        self.first_expert = first_expert
+        self.num_local = num_local
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        # x [T, H] -> [T, H]: sum over each token's routes of weight * expert(x)
+        k = routing.expert_ids.shape[1]
+        local_ids = routing.expert_ids.flatten() - self.first_expert              # [R]
+        is_local = (local_ids >= 0) & (local_ids < self.num_local)                # [R]
+        # Routes owned by other ranks go to a sentinel group E_local, sorted after every local one.
+        local_ids = torch.where(is_local, local_ids, self.num_local)
+        order = local_ids.argsort(stable=True)                                    # [R] grouped by expert
+        token_of_route = order // k                                               # [R]
+        group_sizes = torch.bincount(local_ids, minlength=self.num_local + 1)     # [E_local + 1]
+        offsets = group_sizes[: self.num_local].cumsum(0).to(torch.int32)         # [E_local]
+        x_sorted = x[token_of_route]                                              # [R, H]
+        gate_up = F.grouped_mm(x_sorted, self.w13.transpose(-2, -1), offs=offsets)  # [R, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        hidden = F.silu(gate) * up                                                # [R, I]
+        out_sorted = F.grouped_mm(hidden, self.w2.transpose(-2, -1), offs=offsets)  # [R, H]
+        weighted = out_sorted * routing.weights.flatten()[order, None].to(out_sorted.dtype)  # [R, H]
+        if not self.holds_all:
+            # Rows past offsets[-1] (other ranks' routes) are left uninitialised by grouped_mm.
+            weighted = torch.where(is_local[order, None], weighted, 0.0)
+        out = torch.zeros_like(x)
+        out.index_add_(0, token_of_route, weighted)
+        return out
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP with fused gate/up projection: gate_up [2I, H], down [H, I]."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    hidden: int
+    intermediate: int
+    routing: RoutingConfig
+    shared_intermediate: int = 0
+    shared_gated: bool = False
+    first_expert: int = 0
+    num_local: int | None = None   # None: all experts on this rank
+
+
+class MoELayer(nn.Module):
+    def __init__(self, shape: MoEShape) -> None:
+        super().__init__()
+        self.routing_cfg = shape.routing
+        self.router = nn.Linear(shape.hidden, shape.routing.num_experts, bias=False)
+        self.experts = Experts(shape.routing.num_experts, shape.hidden, shape.intermediate,
+                               shape.first_expert, shape.num_local)
+        self.shared = DenseMLP(shape.hidden, shape.shared_intermediate) if shape.shared_intermediate else None
+        self.shared_gate = nn.Linear(shape.hidden, 1, bias=False) if shape.shared_gated else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x [T, H] -> (out [T, H], counts [E])
+        routing = route(self.router(x), self.routing_cfg)
+        out = self.experts(x, routing)
+        if self.shared is not None:
+            shared = self.shared(x)                                   # [T, H]
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared  # [T, 1] gate
+            out = out + shared
+        return out, routing.counts

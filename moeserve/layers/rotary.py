@@ -1,0 +1,97 @@
+"""Rotary position embedding (RoPE) with the scaling types the supported MoE configs use.
+
+Legend: T tokens, NH heads, D head dim.
+The cos/sin table is built once for every position up to max_position and indexed per step,
+so the per-token path does a gather and two multiply-adds, no trigonometry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moeserve.models.config import RopeConfig
+
+
+def inverse_frequencies(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.Tensor, float]:
+    """Returns (inv_freq [D/2] float32, attention scaling applied to cos and sin)."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    if rope.type == "default":
+        return inv_freq, 1.0
+    if rope.type == "linear":
+        return inv_freq / rope.factor, 1.0
+    if rope.type == "llama3":
+        return _llama3(inv_freq, rope, max_position), 1.0
+    return _yarn(rope, dim, max_position)
+
+
+def _llama3(inv_freq: torch.Tensor, rope: RopeConfig, max_position: int) -> torch.Tensor:
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the middle band blended.
+    old_len = rope.original_max_position or max_position
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    middle = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(middle, blended, scaled)
+
+
+def _yarn(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.Tensor, float]:
+    # YaRN (arXiv 2309.00071): interpolate low frequencies, extrapolate high ones, ramp between.
+    factor = rope.factor
+    original = rope.original_max_position or max_position
+    attention_factor = rope.mscale if rope.mscale is not None else (
+        0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = rope.theta ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolate = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style RoPE (rotate_half), as in Mixtral, Qwen-MoE and OLMoE."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_position: int) -> None:
+        super().__init__()
+        self.rope, self.head_dim, self.max_position = rope, head_dim, max_position
+        self.register_buffer("cos", torch.empty(max_position, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_position, head_dim), persistent=False)
+        if self.cos.device.type != "meta":
+            self.reset_tables()
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """(Re)computes the float32 cos/sin tables; called after building on the meta device."""
+        inv_freq, scaling = inverse_frequencies(self.rope, self.head_dim, self.max_position)
+        positions = torch.arange(self.max_position, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)                 # [P, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                  # [P, D]
+        self.cos = (emb.cos() * scaling).to(self.cos.device)
+        self.sin = (emb.sin() * scaling).to(self.sin.device)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [T]; q [T, NH, D]; k [T, NKV, D]
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)     # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,83 @@
+"""The decoder shared by Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE.
+
+These four differ only in what MoEModelConfig already says (q/k norm, shared expert, biases,
+dense layers, sliding windows), so one readable model serves them all; the checkpoint names that
+differ live in models/weight_names.py, read by the loader only.
+
+Legend: T tokens in the step, H hidden, V vocab, E experts, NB KV blocks, BS block size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeserve.layers.attention import Attention, AttentionMetadata
+from moeserve.layers.moe import DenseMLP, MoELayer, MoEShape, RoutingConfig
+from moeserve.layers.norm import RMSNorm
+from moeserve.layers.rotary import RotaryEmbedding
+from moeserve.models.config import MoEModelConfig
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: MoEModelConfig, layer_idx: int, rotary: RotaryEmbedding,
+                 moe_shape: MoEShape | None) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer_idx, rotary)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.moe = MoELayer(moe_shape) if moe_shape is not None else None
+        self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size) if moe_shape is None else None
+
+    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                counts_out: torch.Tensor | None) -> torch.Tensor:
+        # x [T, H]; counts_out [E] row of the step's expert-count buffer (MoE layers only)
+        x = x + self.attn(self.attn_norm(x), kv_cache, meta)
+        h = self.mlp_norm(x)
+        if self.moe is None:
+            return x + self.mlp(h)
+        out, counts = self.moe(h)
+        counts_out.copy_(counts)   # device-side copy: no host sync
+        return x + out
+
+
+class MoEDecoder(nn.Module):
+    def __init__(self, cfg: MoEModelConfig, first_expert: int = 0, num_local_experts: int | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        routing = RoutingConfig(cfg.num_experts, cfg.top_k, "softmax", cfg.norm_topk_prob)
+        moe_shape = MoEShape(
+            hidden=cfg.hidden_size, intermediate=cfg.moe_intermediate_size, routing=routing,
+            shared_intermediate=cfg.shared_expert_intermediate_size, shared_gated=cfg.shared_expert_gated,
+            first_expert=first_expert, num_local=num_local_experts)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, rotary, moe_shape if cfg.moe_layers[i] else None) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # The step's per-expert route counts, one row per MoE layer; read by the runner once a step.
+        self.register_buffer("expert_counts", torch.zeros(cfg.num_moe_layers, cfg.num_experts, dtype=torch.int64),
+                             persistent=False)
+        self._moe_row = [sum(cfg.moe_layers[:i]) for i in range(cfg.num_layers)]
+
+    @torch.no_grad()
+    def post_load(self) -> None:
+        """Fills the non-checkpoint buffers after the model was built on the meta device."""
+        self.layers[0].attn.rotary.reset_tables()
+        self.expert_counts.zero_()
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: torch.Tensor) -> torch.Tensor:
+        # input_ids [T]; kv_caches [layers, 2, NB, BS, NKV, D] -> hidden [T, H] (final-normed)
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            row = self.expert_counts[self._moe_row[i]] if layer.moe is not None else None
+            x = layer(x, kv_caches[i], meta, row)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()    # [n, H] -> [n, V] float32 for the sampler

@@ -1,0 +1,151 @@
+"""Load a Hugging Face MoE checkpoint directory into a moeserve model.
+
+Tensors are read lazily, one name at a time, through safetensors' safe_open: a rank that owns a
+subset of the experts never reads the others. Pickle (.bin) checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
+
+from moeserve.errors import CheckpointError
+from moeserve.models.config import MoEModelConfig
+from moeserve.models.registry import model_class
+from moeserve.models.weight_names import WEIGHT_NAMES, WeightNames
+
+log = logging.getLogger(__name__)
+_LAYER_PARAM = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+class CheckpointReader:
+    """Maps tensor names to safetensors files and reads one tensor at a time."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self.files = self._index(model_dir)              # tensor name -> file
+        self._stack = ExitStack()
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _index(model_dir: Path) -> dict[str, Path]:
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
+            return {name: model_dir / file for name, file in weight_map.items()}
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in model_dir.glob("*.bin"))
+            hint = (f" It holds pickle files ({', '.join(pickles)}): moeserve never loads pickle checkpoints "
+                    "because unpickling runs arbitrary code; convert them to safetensors.") if pickles else ""
+            raise CheckpointError(f"{model_dir}: no *.safetensors weights found.{hint}")
+        names: dict[str, Path] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                names.update({name: file for name in f.keys()})
+        return names
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.files.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint")
+        handle = self._handles.get(file)
+        try:
+            if handle is None:
+                if not file.is_file():
+                    raise CheckpointError(f"{file}: listed in the index but the file does not exist")
+                handle = self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            return handle.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from exc
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
+               first_expert: int = 0, num_local_experts: int | None = None,
+               progress: bool = True) -> torch.nn.Module:
+    """Builds the model for model_dir and fills it from the checkpoint.
+
+    Only experts [first_expert, first_expert + num_local_experts) are read (all when None).
+    """
+    model_dir = Path(model_dir)
+    cfg = MoEModelConfig.from_dir(model_dir)
+    cls = model_class(cfg.architecture)
+    with torch.device("meta"):
+        model = cls(cfg, first_expert=first_expert, num_local_experts=num_local_experts)
+    model = model.to_empty(device=device).to(dtype)
+    reader = _open_reader(model_dir)
+    names = WEIGHT_NAMES[cfg.architecture]
+    try:
+        params = list(model.named_parameters())
+        for name, param in tqdm(params, desc="Loading weights", unit="tensor", disable=not progress):
+            tensor = _read_param(reader, names, name, model)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CheckpointError(
+                    f"{model_dir}: tensor for {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            with torch.no_grad():
+                param.copy_(tensor)
+    finally:
+        reader.close()
+    model.post_load()
+    return model.eval()
+
+
+def _open_reader(model_dir: Path) -> CheckpointReader:
+    try:
+        return CheckpointReader(model_dir)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{model_dir}: unreadable safetensors file ({exc})") from exc
+
+
+def _read_param(reader: CheckpointReader, names: WeightNames, name: str, model: torch.nn.Module) -> torch.Tensor:
+    match = _LAYER_PARAM.fullmatch(name)
+    if match is None:
+        return _concat(reader, names.top_map[name])
+    layer, suffix = int(match.group(1)), match.group(2)
+    prefix = names.layer_prefix.format(i=layer)
+    if suffix in ("moe.experts.w13", "moe.experts.w2"):
+        experts = model.get_submodule(name.rsplit(".", 1)[0])
+        owned = range(experts.first_expert, experts.first_expert + experts.num_local)
+        return _read_experts(reader, names, prefix, suffix.endswith("w13"), owned)
+    if suffix not in names.layer_map:
+        raise CheckpointError(f"no checkpoint name is known for parameter {name}")
+    return _concat(reader, tuple(prefix + s for s in names.layer_map[suffix]))
+
+
+def _concat(reader: CheckpointReader, ckpt_names: tuple[str, ...]) -> torch.Tensor:
+    parts = [reader.get(n) for n in ckpt_names]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _read_experts(reader: CheckpointReader, names: WeightNames, prefix: str, gate_up: bool,
+                  experts: range) -> torch.Tensor:
+    """Stacks this rank's experts: [E_local, 2I, H] (gate rows, then up) or [E_local, H, I]."""
+    e_names = names.experts
+    base = prefix + e_names.prefix
+    fused = f"{base}.{e_names.fused_gate_up if gate_up else e_names.fused_down}"
+    if f"{base}.{experts.start}.{e_names.gate}" not in reader and fused in reader:
+        return reader.get(fused)[experts.start: experts.stop]
+    stacked = []
+    for e in experts:
+        if gate_up:
+            stacked.append(torch.cat([reader.get(f"{base}.{e}.{e_names.gate}"),
+                                      reader.get(f"{base}.{e}.{e_names.up}")], dim=0))
+        else:
+            stacked.append(reader.get(f"{base}.{e}.{e_names.down}"))
+    return torch.stack(stacked)

@@ -1,0 +1,65 @@
+"""Checkpoint tensor names per architecture, as data. Read by the loader only.
+
+Each moeserve parameter is built from one or more checkpoint tensors concatenated along dim 0
+(q/k/v fuse into qkv; gate/up into gate_up). Routed experts are stacked over the expert index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ExpertNames:
+    prefix: str          # under the layer prefix, e.g. "block_sparse_moe.experts"
+    gate: str            # per-expert names, after "{prefix}.{e}."
+    up: str
+    down: str
+    fused_gate_up: str = "gate_up_proj"   # fused 3-D layout some checkpoints use on disk
+    fused_down: str = "down_proj"
+
+
+@dataclass(frozen=True)
+class WeightNames:
+    layer_prefix: str                      # "model.layers.{i}."
+    layer_map: dict[str, tuple[str, ...]]  # moeserve suffix -> checkpoint suffixes to concatenate
+    experts: ExpertNames
+    top_map: dict[str, tuple[str, ...]]    # non-layer parameters
+
+
+_ATTN = {
+    "attn_norm.weight": ("input_layernorm.weight",),
+    "mlp_norm.weight": ("post_attention_layernorm.weight",),
+    "attn.qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attn.qkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "attn.o.weight": ("self_attn.o_proj.weight",),
+    "attn.o.bias": ("self_attn.o_proj.bias",),
+    "attn.q_norm.weight": ("self_attn.q_norm.weight",),
+    "attn.k_norm.weight": ("self_attn.k_norm.weight",),
+}
+_TOP = {
+    "embed.weight": ("model.embed_tokens.weight",),
+    "norm.weight": ("model.norm.weight",),
+    "lm_head.weight": ("lm_head.weight",),
+}
+_QWEN_LAYER = {
+    **_ATTN,
+    "moe.router.weight": ("mlp.gate.weight",),
+    "moe.shared.gate_up.weight": ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"),
+    "moe.shared.down.weight": ("mlp.shared_expert.down_proj.weight",),
+    "moe.shared_gate.weight": ("mlp.shared_expert_gate.weight",),
+    "mlp.gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.down.weight": ("mlp.down_proj.weight",),
+}
+_QWEN_EXPERTS = ExpertNames("mlp.experts", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
+WEIGHT_NAMES: dict[str, WeightNames] = {
+    "mixtral": WeightNames(
+        "model.layers.{i}.",
+        {**_ATTN, "moe.router.weight": ("block_sparse_moe.gate.weight",)},
+        ExpertNames("block_sparse_moe.experts", "w1.weight", "w3.weight", "w2.weight"),
+        _TOP),
+    "qwen2_moe": WeightNames("model.layers.{i}.", _QWEN_LAYER, _QWEN_EXPERTS, _TOP),
+    "qwen3_moe": WeightNames("model.layers.{i}.", _QWEN_LAYER, _QWEN_EXPERTS, _TOP),
+    "olmoe": WeightNames("model.layers.{i}.", _QWEN_LAYER, _QWEN_EXPERTS, _TOP),
+}

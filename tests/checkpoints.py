@@ -1,0 +1,53 @@
+"""Tiny random checkpoints of every supported architecture, written by transformers itself.
+
+`save_pretrained` writes the real hub file layout, so moeserve's loader reads exactly what it
+would read from a downloaded model. Nothing here touches the hub.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as hf
+
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+_COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1,
+               rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
+def hf_config(arch: str, **overrides) -> hf.PretrainedConfig:
+    if arch == "mixtral":
+        cfg = hf.MixtralConfig(**_COMMON, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
+                               rope_theta=10000.0)
+    elif arch == "qwen2_moe":
+        cfg = hf.Qwen2MoeConfig(**_COMMON, intermediate_size=112, moe_intermediate_size=48, num_experts=8,
+                                num_experts_per_tok=2, shared_expert_intermediate_size=80,
+                                norm_topk_prob=False, mlp_only_layers=[1], decoder_sparse_step=1)
+    elif arch == "qwen3_moe":
+        cfg = hf.Qwen3MoeConfig(**_COMMON, intermediate_size=112, moe_intermediate_size=48, num_experts=8,
+                                num_experts_per_tok=3, norm_topk_prob=True, head_dim=32)
+    elif arch == "olmoe":
+        cfg = hf.OlmoeConfig(**_COMMON, intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                             norm_topk_prob=False, clip_qkv=8.0, pad_token_id=1, eos_token_id=2)
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def hf_model(cfg: hf.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = hf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.config.architectures = [type(model).__name__]
+    return model.eval()
+
+
+def write_checkpoint(out_dir: Path, arch: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     max_shard_size: str | None = None, **overrides) -> Path:
+    model = hf_model(hf_config(arch, **overrides), seed).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, **kwargs)
+    return out_dir
