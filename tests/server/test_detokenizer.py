@@ -29,7 +29,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIALS[0])
 
 
-def stream(tokenizer, ids, chunk=1, prompt=(), **params) -> tuple[list[str], IncrementalDetokenizer]:
+def stream(tokenizer, ids, chunk=1, prompt=(),
+           **params) -> tuple[list[str], IncrementalDetokenizer]:
     """Feed ids `chunk` at a time, then finish; return every delta."""
     detok = IncrementalDetokenizer(tokenizer, SamplingParams(**params), prompt)
     deltas = [detok.step(ids[i : i + chunk]).text for i in range(0, len(ids), chunk)]

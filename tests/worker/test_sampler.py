@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -229,7 +227,6 @@ def test_bf16_logits_and_huge_top_k(sampler):
     out = tokens(sampler, logits, [seq(i, top_k=1000, temperature=0.0 if i == 0 else 1.0)
                                    for i in range(3)])
     assert out[0] == int(logits[0].float().argmax()) and all(0 <= t < 17 for t in out)
-    assert not math.isnan(sum(out))
 
 
 def reference_keep(row: torch.Tensor, k: int, p: float) -> set[int]:

@@ -1,0 +1,67 @@
+"""Frozen, validated configuration for the engine. Values found at run time (KV block count,
+EOS ids, the resolved dtype) live on the engine, not here."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from moeserve.errors import ConfigError
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str | int, option: str = "--kv-cache-memory") -> int:
+    """'2GiB', '512MiB', '1.5GB', '1000000' -> bytes. Decimal units for GB, binary for GiB."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ConfigError(f"{option}: cannot read {text!r} as a size (examples: 2GiB, 512MiB, 1000000)")
+    number, unit, suffix = float(match.group(1)), match.group(2).upper(), match.group(3).lower()
+    base = 1024 if suffix.startswith("i") else 1000
+    return int(number * base ** " KMGT".index(unit or " "))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None                 # checkpoint directory; None = the built-in model
+    dtype: DType = "auto"
+    device: Device = "auto"
+    max_model_len: int | None = None         # None = the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    kv_cache_memory: int | None = None       # bytes; None = kv_cache_fraction of available memory
+    kv_cache_fraction: float = 0.1
+    seed: int = 0
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            _positive_int(name, getattr(self, name))
+        if self.max_model_len is not None:
+            _positive_int("max_model_len", self.max_model_len)
+        if self.kv_cache_memory is not None:
+            _positive_int("kv_cache_memory", self.kv_cache_memory)
+        if not 0 < self.kv_cache_fraction <= 0.95:
+            raise ConfigError(f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction}")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{_flag(name)} must be an integer >= 1, got {value!r}")

@@ -1,0 +1,195 @@
+"""Engine: add_request / abort / step, the single loop that drives scheduler, runner and detokenizer.
+
+Not thread-safe: one thread owns an Engine (the server runs it in a dedicated loop thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeserve.config import EngineConfig
+from moeserve.engine.batch import StepOutput
+from moeserve.engine.outputs import CompletionOutput, RequestOutput
+from moeserve.engine.scheduler import Scheduler, SchedulerConfig, SeqUpdate
+from moeserve.engine.stats import StepStats
+from moeserve.errors import ConfigError
+from moeserve.models.config import MoEModelConfig
+from moeserve.models.loader import load_model
+from moeserve.request import FinishReason, Request, SamplingParams
+from moeserve.server.detokenizer import IncrementalDetokenizer, load_eos_token_ids
+from moeserve.worker.device import available_memory, resolve_device, resolve_dtype
+from moeserve.worker.model_runner import ModelRunner, kv_bytes_per_block
+from moeserve.worker.sampler import Sampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _RequestState:
+    request: Request
+    outputs: list[CompletionOutput]
+    detokenizers: list[IncrementalDetokenizer] | None
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model_dir: str | Path | None = None) -> None:
+        self.config = config
+        self.model_dir = Path(model_dir or config.model or _builtin_dir())
+        self.model_config = MoEModelConfig.from_dir(self.model_dir)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.model_config.dtype, self.device)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+        self.model = load_model(self.model_dir, self.dtype, self.device)
+        self.tokenizer = _load_tokenizer(self.model_dir)
+        self.eos_token_ids = self._eos_ids()
+        self.max_model_len = self._max_model_len()
+        self.num_kv_blocks = self._num_kv_blocks()
+        sched_cfg = SchedulerConfig(
+            max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens, block_size=config.block_size,
+            enable_chunked_prefill=config.enable_chunked_prefill)
+        self.scheduler = Scheduler(sched_cfg, self.num_kv_blocks, self.eos_token_ids)
+        sampler = Sampler(self.eos_token_ids, seed=config.seed, device=self.device)
+        self.runner = ModelRunner(self.model, self.num_kv_blocks, config.block_size, self.dtype, self.device, sampler)
+        self.stats = StepStats(self.model_config.num_moe_layers, self.model_config.num_experts)
+        self._states: dict[str, _RequestState] = {}
+
+    # ---- public API ----
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    sampling: SamplingParams | None = None) -> None:
+        """Queues a request. Raises ValueError (a 400 for the server) when it cannot be served."""
+        sampling = sampling or SamplingParams()
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        request = Request(request_id, list(prompt_token_ids), sampling)
+        self.scheduler.add_request(request)
+        detoks = None
+        if self.tokenizer is not None:
+            detoks = [IncrementalDetokenizer(self.tokenizer, sampling, request.prompt_token_ids)
+                      for _ in range(sampling.n)]
+        outputs = [CompletionOutput(index=i, logprobs=[] if sampling.logprobs is not None else None)
+                   for i in range(sampling.n)]
+        self._states[request_id] = _RequestState(request, outputs, detoks)
+
+    def abort(self, request_id: str) -> None:
+        """Stops a request at once and frees its KV blocks. Unknown ids are ignored."""
+        self.scheduler.abort(request_id)
+        self._states.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduler step and one forward pass; returns what changed, per request."""
+        start = time.perf_counter()
+        batch = self.scheduler.schedule()
+        step_output = self.runner.execute(batch) if not batch.is_empty else StepOutput(outputs=[])
+        updates = self.scheduler.update(batch, step_output)
+        touched = self._apply(updates)
+        self.stats.observe(batch, step_output, time.perf_counter() - start)
+        return [self._snapshot(state) for state in touched]
+
+    # ---- internals ----
+    def _apply(self, updates: list[SeqUpdate]) -> list[_RequestState]:
+        touched: dict[str, _RequestState] = {}
+        for update in updates:
+            state = self._states.get(update.seq.request_id)
+            if state is None:
+                continue
+            if update.seq.request_id not in touched:
+                for out in state.outputs:
+                    out.delta_text, out.delta_token_ids, out.delta_logprobs = "", [], []
+                touched[update.seq.request_id] = state
+            self._apply_one(state, update)
+        return list(touched.values())
+
+    def _apply_one(self, state: _RequestState, update: SeqUpdate) -> None:
+        seq, out = update.seq, state.outputs[update.seq.index]
+        detok = state.detokenizers[seq.index] if state.detokenizers else None
+        if update.output is not None:
+            token = update.output.token_id
+            out.token_ids.append(token)
+            out.delta_token_ids.append(token)
+            if update.output.logprob is not None:
+                entry = {"token_id": token, "logprob": update.output.logprob, "top": update.output.top_logprobs}
+                out.delta_logprobs.append(entry)
+                if out.logprobs is not None:
+                    out.logprobs.append(entry)
+            if detok is not None:
+                delta = detok.step([token])
+                out.delta_text += delta.text
+                if delta.stop is not None and seq.finish_reason is None:
+                    self.scheduler.finish_seq(seq.seq_id, FinishReason.STOP)
+                    out.stop_reason = delta.stop
+        if seq.finish_reason is not None and out.finish_reason is None:
+            out.finish_reason = seq.finish_reason
+            if out.stop_reason is None and seq.finish_reason is FinishReason.STOP and out.token_ids \
+                    and out.token_ids[-1] in seq.sampling.stop_token_ids:
+                out.stop_reason = out.token_ids[-1]
+            if detok is not None:
+                out.delta_text += detok.finish().text
+        if detok is not None:
+            out.text = detok.output_text
+
+    def _snapshot(self, state: _RequestState) -> RequestOutput:
+        finished = all(o.finish_reason is not None for o in state.outputs)
+        request = state.request
+        if finished:
+            self._states.pop(request.request_id, None)
+        outputs = [CompletionOutput(
+            index=o.index, text=o.text, token_ids=o.token_ids, delta_text=o.delta_text,
+            delta_token_ids=o.delta_token_ids, delta_logprobs=o.delta_logprobs, logprobs=o.logprobs,
+            finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in state.outputs]
+        return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished)
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = list(self.model_config.eos_token_ids)
+        try:
+            ids = load_eos_token_ids(self.model_dir, self.tokenizer) + ids
+        except (OSError, ValueError) as exc:
+            log.warning("no EOS ids from generation_config.json or the tokenizer: %s", exc)
+        return tuple(dict.fromkeys(ids))
+
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        requested = self.config.max_model_len
+        if requested is not None and requested > limit:
+            raise ConfigError(f"--max-model-len {requested} exceeds the model's max_position_embeddings ({limit})")
+        return requested or limit
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        per_block = kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
+        budget = cfg.kv_cache_memory or int(available_memory(self.device) * cfg.kv_cache_fraction)
+        blocks_per_seq = -(-self.max_model_len // cfg.block_size)
+        needed = blocks_per_seq * cfg.max_num_seqs     # more than this can never be used
+        blocks = min(budget // per_block, needed)
+        if blocks < 1:
+            raise ConfigError(f"--kv-cache-memory {budget} bytes is less than one KV block ({per_block} bytes)")
+        if blocks < blocks_per_seq:
+            log.warning("the KV cache holds %d tokens, less than --max-model-len %d: sequences are capped there",
+                        blocks * cfg.block_size, self.max_model_len)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", blocks, cfg.block_size, blocks * per_block / 2**20)
+        return int(blocks)
+
+
+def _builtin_dir() -> Path:
+    from moeserve.models.builtin import ensure_builtin_model
+    return ensure_builtin_model()
+
+
+def _load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("%s: no usable tokenizer (%s); only token-id prompts will work", model_dir, exc)
+        return None
