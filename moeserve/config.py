@@ -65,3 +65,23 @@ def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{_flag(name)} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None     # None = the model directory's name
+    api_key: str | None = None
+    max_queue: int | None = None             # waiting requests beyond this get 429
+    max_body_bytes: int = 16 << 20
+    shutdown_timeout: float = 30.0           # SIGTERM: seconds running requests may take to finish
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in [0, 65535], got {self.port}")
+        if self.max_queue is not None:
+            _positive_int("max_queue", self.max_queue)
+        if self.shutdown_timeout < 0:
+            raise ConfigError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")

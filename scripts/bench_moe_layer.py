@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -174,23 +175,24 @@ def close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
     return torch.allclose(out, ref, rtol=tol, atol=tol * scale), err
 
 
-def time_fn(fn: Callable[[], object], args: argparse.Namespace) -> dict:
+def time_interleaved(fns: dict[str, Callable[[], object]], args: argparse.Namespace) -> dict[str, list[float]]:
+    """Round-robin over the implementations so machine noise (other processes on these 2 cores)
+    hits all of them alike; stop when the budget is spent and every one has min_repeats samples.
+    A single call longer than the budget is timed once."""
     for _ in range(args.warmup):
-        fn()
-    times: list[float] = []
-    spent = 0.0
-    while len(times) < args.max_repeats:
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        spent += dt
-        if spent >= args.budget and len(times) >= args.min_repeats:
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for rnd in range(args.max_repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        spent = time.perf_counter() - start
+        if spent >= args.budget and (rnd + 1 >= args.min_repeats or spent >= args.budget * (rnd + 1)):
             break
-        if dt > args.budget and len(times) >= 1:   # one call eats the budget: don't repeat it
-            break
-    return {"ms": statistics.median(times) * 1e3, "repeats": len(times),
-            "min_ms": min(times) * 1e3}
+    return times
 
 
 @dataclass
@@ -199,6 +201,7 @@ class CaseResult:
     tokens: int
     skipped: str | None = None
     ms: dict = field(default_factory=dict)        # impl -> median ms
+    min_ms: dict = field(default_factory=dict)    # impl -> fastest ms
     repeats: dict = field(default_factory=dict)   # impl -> repeats timed
     max_rel_err: dict = field(default_factory=dict)
     dense_capacity: int = 0
@@ -227,9 +230,11 @@ def run_case(impls: dict[str, Callable], dense: DenseDispatchMoE, x: torch.Tenso
         if not ok:
             raise SystemExit(f"{dtype_name} T={x.shape[0]}: {name} disagrees with moeserve "
                              f"(max |diff| / max |ref| = {err:.3g})")
-    for name, fn in impls.items():
-        t = time_fn(lambda: fn(x), args)
-        res.ms[name], res.repeats[name] = t["ms"], t["repeats"]
+    times = time_interleaved({name: (lambda fn=fn: fn(x)) for name, fn in impls.items()}, args)
+    for name, ts in times.items():
+        res.ms[name] = statistics.median(ts) * 1e3
+        res.min_ms[name] = min(ts) * 1e3
+        res.repeats[name] = len(ts)
     return res
 
 
@@ -286,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} "
+          f"(timings are wall clock: other processes on these cores inflate them)")
     fp32_gflops = matmul_gflops(torch.float32, 1024)
     bf16_gflops = matmul_gflops(torch.bfloat16, 256)
     print(f"matmul: float32 1024^3 {fp32_gflops:.1f} GFLOP/s, bfloat16 256^3 {bf16_gflops:.2f} GFLOP/s")
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(results, bf16_gflops)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items()},
+            json.dump({"args": vars(args), "load_average": os.getloadavg(),
                        "fp32_gflops": fp32_gflops, "bf16_gflops": bf16_gflops,
                        "results": [asdict(r) for r in results]}, f, indent=2)
         print(f"wrote {args.json_out}")
@@ -327,7 +333,8 @@ def run_dtype(dtype_name: str, args: argparse.Namespace, bf16_gflops: float) -> 
         x = torch.randn(t, args.hidden, generator=torch.Generator().manual_seed(args.seed + t)).to(dtype)
         t0 = time.perf_counter()
         res = run_case(impls, dense, x, dtype_name, args)
-        print(f"{dtype_name} T={t}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in res.ms.items())
+        print(f"{dtype_name} T={t}: " + ", ".join(
+            f"{k} {v:.3f} ms (min {res.min_ms[k]:.3f}, n={res.repeats[k]})" for k, v in res.ms.items())
               + f"  (max rel err {max(res.max_rel_err.values()):.2g}, {time.perf_counter() - t0:.0f} s)",
               flush=True)
         out.append(res)

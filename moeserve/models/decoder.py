@@ -63,13 +63,17 @@ class MoEDecoder(nn.Module):
                              persistent=False)
         self._moe_row = [sum(cfg.moe_layers[:i]) for i in range(cfg.num_layers)]
 
+    def tie_weights(self) -> None:
+        """Shares the embedding with lm_head when the config says so (Module.to_empty unties them)."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
     @torch.no_grad()
     def post_load(self) -> None:
         """Fills the non-checkpoint buffers after the model was built on the meta device."""
         self.layers[0].attn.rotary.reset_tables()
         self.expert_counts.zero_()
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: torch.Tensor) -> torch.Tensor:
         # input_ids [T]; kv_caches [layers, 2, NB, BS, NKV, D] -> hidden [T, H] (final-normed)

@@ -51,8 +51,11 @@ class CheckpointReader:
             raise CheckpointError(f"{model_dir}: no *.safetensors weights found.{hint}")
         names: dict[str, Path] = {}
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                names.update({name: file for name in f.keys()})
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    names.update({name: file for name in f.keys()})
+            except (SafetensorError, OSError) as exc:   # name the file, not just the directory
+                raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from exc
         return names
 
     def __contains__(self, name: str) -> bool:
@@ -89,6 +92,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     with torch.device("meta"):
         model = cls(cfg, first_expert=first_expert, num_local_experts=num_local_experts)
     model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()   # to_empty gives tied parameters separate storage; tie them again before loading
     reader = _open_reader(model_dir)
     names = WEIGHT_NAMES[cfg.architecture]
     try:
@@ -130,7 +134,19 @@ def _read_param(reader: CheckpointReader, names: WeightNames, name: str, model: 
 
 def _concat(reader: CheckpointReader, ckpt_names: tuple[str, ...]) -> torch.Tensor:
     parts = [reader.get(n) for n in ckpt_names]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return parts[0] if len(parts) == 1 else _join(reader, parts, ckpt_names, stack=False)
+
+
+def _join(reader: CheckpointReader, parts: list[torch.Tensor], labels: list[str] | tuple[str, ...],
+          stack: bool) -> torch.Tensor:
+    """torch.cat / torch.stack along dim 0; a shape mismatch names the two checkpoint tensors."""
+    first = parts[0].shape if stack else parts[0].shape[1:]
+    for label, part in zip(labels, parts):
+        if (part.shape if stack else part.shape[1:]) != first:
+            raise CheckpointError(
+                f"{reader.model_dir}: tensor {label!r} has shape {tuple(part.shape)}, which does not fit "
+                f"{labels[0]!r} with shape {tuple(parts[0].shape)}")
+    return torch.stack(parts) if stack else torch.cat(parts, dim=0)
 
 
 def _read_experts(reader: CheckpointReader, names: WeightNames, prefix: str, gate_up: bool,
@@ -141,11 +157,12 @@ def _read_experts(reader: CheckpointReader, names: WeightNames, prefix: str, gat
     fused = f"{base}.{e_names.fused_gate_up if gate_up else e_names.fused_down}"
     if f"{base}.{experts.start}.{e_names.gate}" not in reader and fused in reader:
         return reader.get(fused)[experts.start: experts.stop]
-    stacked = []
+    stacked, labels = [], []
     for e in experts:
         if gate_up:
-            stacked.append(torch.cat([reader.get(f"{base}.{e}.{e_names.gate}"),
-                                      reader.get(f"{base}.{e}.{e_names.up}")], dim=0))
+            stacked.append(_concat(reader, (f"{base}.{e}.{e_names.gate}", f"{base}.{e}.{e_names.up}")))
+            labels.append(f"{base}.{e}.{e_names.gate} + {e_names.up}")
         else:
             stacked.append(reader.get(f"{base}.{e}.{e_names.down}"))
-    return torch.stack(stacked)
+            labels.append(f"{base}.{e}.{e_names.down}")
+    return _join(reader, stacked, labels, stack=True)

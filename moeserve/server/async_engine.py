@@ -1,0 +1,186 @@
+"""Bridge between the engine loop (its own thread) and asyncio (the HTTP server's thread).
+
+The engine thread owns the Engine: it drains a command queue (add / abort), runs a step when
+there is work, and pushes each RequestOutput to that request's asyncio.Queue through
+loop.call_soon_threadsafe. A request whose consumer goes away (client disconnect, cancelled
+task) is aborted, which frees its KV blocks at the next loop turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from moeserve.engine.engine import Engine
+from moeserve.engine.outputs import RequestOutput
+from moeserve.request import SamplingParams
+
+log = logging.getLogger(__name__)
+_IDLE_WAIT_S = 0.05
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped after an error; no request can be served."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than --max-queue allows."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    outputs: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class RequestStream:
+    """An accepted request: iterate it for RequestOutputs; closing it early aborts the request."""
+
+    def __init__(self, bridge: "AsyncEngine", request_id: str, outputs: asyncio.Queue) -> None:
+        self._bridge, self.request_id, self._outputs = bridge, request_id, outputs
+        self.finished = False
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._bridge.next_item(self._outputs)
+                if isinstance(item, BaseException):
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._bridge.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_queue: int | None = None) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self.error: BaseException | None = None
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, _Add] = {}          # engine thread only
+        self._pending_adds = 0
+        self._thread = threading.Thread(target=self._run, name="moeserve-engine", daemon=True)
+
+    @property
+    def is_alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    async def add_request(self, request_id: str, prompt_token_ids: list[int],
+                          sampling: SamplingParams) -> RequestStream:
+        """Queues a request; raises ValueError (bad request), QueueFullError or EngineDeadError."""
+        if not self.is_alive:
+            raise EngineDeadError(f"the engine is not running: {self.error!r}")
+        if self.max_queue is not None and self.engine.scheduler.num_waiting + self._pending_adds >= self.max_queue:
+            raise QueueFullError(f"too many requests waiting (--max-queue {self.max_queue}); retry later")
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._pending_adds += 1
+        self._send(_Add(request_id, prompt_token_ids, sampling, outputs, loop))
+        try:
+            first = await self.next_item(outputs)    # the engine thread's accept / reject
+        finally:
+            self._pending_adds -= 1
+        if isinstance(first, BaseException):
+            raise first
+        return RequestStream(self, request_id, outputs)
+
+    def abort(self, request_id: str) -> None:
+        self._send(_Abort(request_id))
+
+    async def next_item(self, outputs: asyncio.Queue):
+        """The next item for a request; never waits forever on an engine that has died."""
+        while True:
+            try:
+                return await asyncio.wait_for(outputs.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if not self.is_alive and outputs.empty():
+                    return EngineDeadError(f"the engine stopped: {self.error!r}")
+
+    def _send(self, command: object) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # ---- engine thread ----
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_commands()
+                if self.engine.has_unfinished_requests():
+                    self._deliver(self.engine.step())
+                else:
+                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.clear()
+        except BaseException as exc:  # noqa: BLE001 - any failure ends the loop and every request
+            log.exception("engine loop failed")
+            self.error = exc
+            self._fail_all(EngineDeadError(f"engine failure: {type(exc).__name__}"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._accept(command)
+            else:
+                self._streams.pop(command.request_id, None)
+                self.engine.abort(command.request_id)
+
+    def _accept(self, add: _Add) -> None:
+        try:
+            self.engine.add_request(add.request_id, add.prompt_token_ids, add.sampling)
+        except ValueError as exc:
+            add.loop.call_soon_threadsafe(add.outputs.put_nowait, exc)
+            return
+        self._streams[add.request_id] = add
+        add.loop.call_soon_threadsafe(add.outputs.put_nowait, None)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            add = self._streams.get(out.request_id)
+            if add is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            add.loop.call_soon_threadsafe(add.outputs.put_nowait, out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for add in list(self._streams.values()):
+            add.loop.call_soon_threadsafe(add.outputs.put_nowait, error)
+        self._streams.clear()
+        while True:   # requests that arrive after the failure get the error too
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                command.loop.call_soon_threadsafe(command.outputs.put_nowait, error)

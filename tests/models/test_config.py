@@ -1,0 +1,116 @@
+"""MoEModelConfig.from_hf: Hugging Face config.json normalisation, checked against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import transformers as hf
+
+from checkpoints import hf_config
+from moeserve.errors import CheckpointError
+from moeserve.models.config import MoEModelConfig, RopeConfig
+
+
+def raw_config(arch: str, **overrides) -> dict:
+    """config.json as save_pretrained writes it (to_dict plus `architectures`)."""
+    cfg = hf_config(arch, **overrides)
+    raw = cfg.to_dict()
+    raw["architectures"] = [hf.AutoModelForCausalLM._model_mapping[type(cfg)].__name__]
+    return raw
+
+
+def test_checkpoint_configs_normalise(make_checkpoint) -> None:
+    mixtral = MoEModelConfig.from_dir(make_checkpoint("mixtral", "mixtral"))
+    assert (mixtral.architecture, mixtral.num_experts, mixtral.top_k, mixtral.norm_topk_prob) == ("mixtral", 8, 2, True)
+    assert mixtral.moe_intermediate_size == 96 and mixtral.head_dim == 16 and mixtral.sliding_windows == (None,) * 3
+    qwen2 = MoEModelConfig.from_dir(make_checkpoint("qwen2_moe", "qwen2_moe"))
+    assert qwen2.moe_layers == (True, False, True) and qwen2.qkv_bias and not qwen2.o_bias
+    assert (qwen2.shared_expert_intermediate_size, qwen2.shared_expert_gated, qwen2.norm_topk_prob) == (80, True, False)
+    qwen3 = MoEModelConfig.from_dir(make_checkpoint("qwen3_moe", "qwen3_moe"))
+    assert (qwen3.qk_norm, qwen3.head_dim, qwen3.top_k, qwen3.shared_expert_intermediate_size) == ("per_head", 32, 3, 0)
+    olmoe = MoEModelConfig.from_dir(make_checkpoint("olmoe", "olmoe"))
+    assert (olmoe.qk_norm, olmoe.clip_qkv, olmoe.eos_token_ids, olmoe.norm_topk_prob) == ("full", 8.0, (2,), False)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize(("mlp_only", "step"), [([], 1), ([1], 1), ([], 2), ([0, 3], 1), ([3], 2), ([], 3)])
+def test_qwen_moe_layers_match_hf_model(arch: str, mlp_only: list[int], step: int) -> None:
+    # hf_config sets overrides after construction, so layer_types must follow num_hidden_layers by hand
+    overrides = dict(num_hidden_layers=4, layer_types=["full_attention"] * 4, mlp_only_layers=mlp_only,
+                     decoder_sparse_step=step)
+    ours = MoEModelConfig.from_hf(raw_config(arch, **overrides))
+    model = hf.AutoModelForCausalLM.from_config(hf_config(arch, **overrides))
+    expected = tuple("SparseMoeBlock" in type(layer.mlp).__name__ for layer in model.model.layers)
+    assert ours.moe_layers == expected
+    assert ours.num_moe_layers == sum(expected)
+
+
+def test_qwen_moe_without_mlp_only_layers_key() -> None:
+    raw = raw_config("qwen2_moe", num_hidden_layers=4)
+    del raw["mlp_only_layers"], raw["decoder_sparse_step"]
+    assert MoEModelConfig.from_hf(raw).moe_layers == (True,) * 4
+
+
+def _with_rope(arch: str, **fields) -> dict:
+    raw = raw_config(arch)
+    for key in ("rope_parameters", "rope_scaling", "rope_theta"):
+        raw.pop(key, None)
+    raw.update(fields)
+    return raw
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({}, RopeConfig(theta=10000.0)),
+    ({"rope_theta": 1e6}, RopeConfig(theta=1e6)),
+    # pre-v5 hub configs: rope_theta beside rope_scaling, "type" or "rope_type"
+    ({"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}},
+     RopeConfig(theta=5e5, type="linear", factor=2.0)),
+    ({"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+     RopeConfig(theta=5e5, type="llama3", factor=8.0, original_max_position=8192)),
+    # v5: everything inside rope_parameters
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                          "original_max_position_embeddings": 32768, "attention_factor": 0.8}},
+     RopeConfig(theta=1e6, type="yarn", factor=4.0, original_max_position=32768, mscale=0.8)),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 2e4}}, RopeConfig(theta=2e4)),
+])
+def test_rope_old_and_new_style(fields: dict, expected: RopeConfig) -> None:
+    assert MoEModelConfig.from_hf(_with_rope("qwen3_moe", **fields)).rope == expected
+
+
+def test_rope_parameters_written_by_v5_config_class() -> None:
+    raw = raw_config("mixtral", rope_parameters={"rope_type": "linear", "rope_theta": 1e5, "factor": 3.0})
+    assert MoEModelConfig.from_hf(raw).rope == RopeConfig(theta=1e5, type="linear", factor=3.0)
+
+
+def test_unsupported_rope_type() -> None:
+    raw = _with_rope("mixtral", rope_scaling={"type": "dynamic", "factor": 2.0})
+    with pytest.raises(CheckpointError, match="rope type 'dynamic' is not supported"):
+        MoEModelConfig.from_hf(raw)
+
+
+def test_sliding_windows_per_layer() -> None:
+    assert MoEModelConfig.from_hf(raw_config("mixtral", sliding_window=4096)).sliding_windows == (4096,) * 3
+    raw = raw_config("qwen2_moe", use_sliding_window=True, sliding_window=64, max_window_layers=2)
+    raw.pop("layer_types")   # older configs: the window starts at max_window_layers
+    assert MoEModelConfig.from_hf(raw).sliding_windows == (None, None, 64)
+    raw = raw_config("qwen2_moe", sliding_window=64,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    assert MoEModelConfig.from_hf(raw).sliding_windows == (64, None, 64)
+
+
+def test_model_type_without_architectures() -> None:
+    raw = raw_config("olmoe")
+    del raw["architectures"]
+    assert MoEModelConfig.from_hf(raw).architecture == "olmoe"
+
+
+def test_missing_required_field_is_named() -> None:
+    raw = raw_config("mixtral")
+    del raw["num_experts_per_tok"]
+    with pytest.raises(CheckpointError, match=r"cfg\.json: missing required field 'num_experts_per_tok' for mixtral"):
+        MoEModelConfig.from_hf(raw, source="cfg.json")
+
+
+def test_inconsistent_heads_rejected() -> None:
+    with pytest.raises(CheckpointError, match="multiple of num_key_value_heads"):
+        MoEModelConfig.from_hf(raw_config("mixtral", num_key_value_heads=3))
