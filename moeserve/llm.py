@@ -28,10 +28,17 @@ class LLM:
         prompts = _as_list(prompts)
         params = _per_prompt(sampling_params, len(prompts))
         order = []
-        for prompt, sp in zip(prompts, params):
-            request_id = f"offline-{next(self._ids)}"
-            self.engine.add_request(request_id, self._token_ids(prompt), sp)
-            order.append(request_id)
+        try:
+            for prompt, sp in zip(prompts, params):
+                request_id = f"offline-{next(self._ids)}"
+                self.engine.add_request(request_id, self._token_ids(prompt), sp)
+                order.append(request_id)
+        except Exception:
+            # One bad prompt rejects the call: withdraw the ones already queued, or they would
+            # run (unseen) inside the next generate() call.
+            for request_id in order:
+                self.engine.abort(request_id)
+            raise
         finished: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():

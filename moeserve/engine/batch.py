@@ -7,7 +7,7 @@ blocks that hold the sequence. Everything here is plain ints and lists: no torch
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -49,6 +49,3 @@ class SeqOutput:
 @dataclass(slots=True)
 class StepOutput:
     outputs: list[SeqOutput]                          # one per ScheduledSeq with sample=True, in order
-    expert_counts: list[list[int]] | None = None      # [moe_layers][experts] tokens routed this step
-    dropped_counts: list[list[int]] | None = None     # [moe_layers][experts] routes dropped this step
-    extra: dict = field(default_factory=dict)

@@ -57,7 +57,7 @@ class Engine:
         self.scheduler = Scheduler(sched_cfg, self.num_kv_blocks, self.eos_token_ids)
         sampler = Sampler(self.eos_token_ids, seed=config.seed, device=self.device)
         self.runner = ModelRunner(self.model, self.num_kv_blocks, config.block_size, self.dtype, self.device, sampler)
-        self.stats = StepStats(self.model_config.num_moe_layers, self.model_config.num_experts)
+        self.stats = StepStats()
         self._states: dict[str, _RequestState] = {}
 
     # ---- public API ----
@@ -94,7 +94,7 @@ class Engine:
         step_output = self.runner.execute(batch) if not batch.is_empty else StepOutput(outputs=[])
         updates = self.scheduler.update(batch, step_output)
         touched = self._apply(updates)
-        self.stats.observe(batch, step_output, time.perf_counter() - start)
+        self.stats.observe(batch, time.perf_counter() - start)
         return [self._snapshot(state) for state in touched]
 
     # ---- internals ----

@@ -31,13 +31,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 counts_out: torch.Tensor | None) -> torch.Tensor:
-        # x [T, H]; counts_out [E] row of the step's expert-count buffer (MoE layers only)
+        # x [T, H]; counts_out [E] this layer's row of the running expert-token totals, or None
         x = x + self.attn(self.attn_norm(x), kv_cache, meta)
         h = self.mlp_norm(x)
         if self.moe is None:
             return x + self.mlp(h)
         out, counts = self.moe(h)
-        counts_out.copy_(counts)   # device-side copy: no host sync
+        if counts_out is not None:
+            counts_out.add_(counts)   # cumulative, on the device: no host sync
         return x + out
 
 
@@ -58,9 +59,14 @@ class MoEDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
-        # The step's per-expert route counts, one row per MoE layer; read by the runner once a step.
-        self.register_buffer("expert_counts", torch.zeros(cfg.num_moe_layers, cfg.num_experts, dtype=torch.int64),
+        # Running totals of routes per (MoE layer, expert), kept on the device and read by metrics
+        # at scrape time; dropped routes (capacity limits) beside them. count_experts=False skips it.
+        totals = dict(dtype=torch.int64)
+        self.register_buffer("expert_tokens", torch.zeros(cfg.num_moe_layers, cfg.num_experts, **totals),
                              persistent=False)
+        self.register_buffer("expert_dropped", torch.zeros(cfg.num_moe_layers, cfg.num_experts, **totals),
+                             persistent=False)
+        self.count_experts = True
         self._moe_row = [sum(cfg.moe_layers[:i]) for i in range(cfg.num_layers)]
 
     def tie_weights(self) -> None:
@@ -72,14 +78,15 @@ class MoEDecoder(nn.Module):
     def post_load(self) -> None:
         """Fills the non-checkpoint buffers after the model was built on the meta device."""
         self.layers[0].attn.rotary.reset_tables()
-        self.expert_counts.zero_()
+        self.expert_tokens.zero_()
+        self.expert_dropped.zero_()
         self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: torch.Tensor) -> torch.Tensor:
         # input_ids [T]; kv_caches [layers, 2, NB, BS, NKV, D] -> hidden [T, H] (final-normed)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            row = self.expert_counts[self._moe_row[i]] if layer.moe is not None else None
+            row = self.expert_tokens[self._moe_row[i]] if layer.moe is not None and self.count_experts else None
             x = layer(x, kv_caches[i], meta, row)
         return self.norm(x)
 

@@ -48,8 +48,7 @@ class ModelRunner:
         step = self.prepare(batch)
         logits = self._logits(step)
         outputs = self.sampler.sample(logits, step.sample_seqs) if step.sample_seqs else []
-        counts = self.model.expert_counts.tolist() if self.cfg.num_moe_layers else None  # one host copy
-        return StepOutput(outputs=outputs, expert_counts=counts)
+        return StepOutput(outputs=outputs)
 
     @torch.inference_mode()
     def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -20,15 +20,19 @@ def raw_config(arch: str, **overrides) -> dict:
 
 def test_checkpoint_configs_normalise(make_checkpoint) -> None:
     mixtral = MoEModelConfig.from_dir(make_checkpoint("mixtral", "mixtral"))
-    assert (mixtral.architecture, mixtral.num_experts, mixtral.top_k, mixtral.norm_topk_prob) == ("mixtral", 8, 2, True)
-    assert mixtral.moe_intermediate_size == 96 and mixtral.head_dim == 16 and mixtral.sliding_windows == (None,) * 3
+    assert (mixtral.architecture, mixtral.num_experts, mixtral.top_k, mixtral.norm_topk_prob) == \
+        ("mixtral", 8, 2, True)
+    assert (mixtral.moe_intermediate_size, mixtral.head_dim, mixtral.sliding_windows) == (96, 16, (None,) * 3)
     qwen2 = MoEModelConfig.from_dir(make_checkpoint("qwen2_moe", "qwen2_moe"))
     assert qwen2.moe_layers == (True, False, True) and qwen2.qkv_bias and not qwen2.o_bias
-    assert (qwen2.shared_expert_intermediate_size, qwen2.shared_expert_gated, qwen2.norm_topk_prob) == (80, True, False)
+    assert (qwen2.shared_expert_intermediate_size, qwen2.shared_expert_gated, qwen2.norm_topk_prob) == \
+        (80, True, False)
     qwen3 = MoEModelConfig.from_dir(make_checkpoint("qwen3_moe", "qwen3_moe"))
-    assert (qwen3.qk_norm, qwen3.head_dim, qwen3.top_k, qwen3.shared_expert_intermediate_size) == ("per_head", 32, 3, 0)
+    assert (qwen3.qk_norm, qwen3.head_dim, qwen3.top_k, qwen3.shared_expert_intermediate_size) == \
+        ("per_head", 32, 3, 0)
     olmoe = MoEModelConfig.from_dir(make_checkpoint("olmoe", "olmoe"))
-    assert (olmoe.qk_norm, olmoe.clip_qkv, olmoe.eos_token_ids, olmoe.norm_topk_prob) == ("full", 8.0, (2,), False)
+    assert (olmoe.qk_norm, olmoe.clip_qkv, olmoe.eos_token_ids, olmoe.norm_topk_prob) == \
+        ("full", 8.0, (2,), False)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "qwen3_moe"])
@@ -107,7 +111,7 @@ def test_model_type_without_architectures() -> None:
 def test_missing_required_field_is_named() -> None:
     raw = raw_config("mixtral")
     del raw["num_experts_per_tok"]
-    with pytest.raises(CheckpointError, match=r"cfg\.json: missing required field 'num_experts_per_tok' for mixtral"):
+    with pytest.raises(CheckpointError, match=r"cfg\.json: missing required field 'num_experts_per_tok'"):
         MoEModelConfig.from_hf(raw, source="cfg.json")
 
 

@@ -99,10 +99,11 @@ def test_expert_subset_reads_only_owned_experts(mixtral_dir, mixtral, monkeypatc
         assert torch.equal(ours.moe.experts.w2, full.moe.experts.w2[4:8]), i
         assert torch.equal(ours.moe.router.weight, full.moe.router.weight), i   # router sees all experts
     expert_reads = [n for n in read if ".experts." in n]
-    owned = {EXPERTS.format(i=i, e=e) + w for i in range(3) for e in range(4, 8) for w in ("w1.weight", "w2.weight", "w3.weight")}
+    owned = {EXPERTS.format(i=i, e=e) + f"{w}.weight"
+             for i in range(3) for e in range(4, 8) for w in ("w1", "w2", "w3")}
     assert set(expert_reads) == owned and len(expert_reads) == len(owned)    # each once, none of 0..3
     assert len(read) == len(set(read))
-    assert part.expert_counts.shape == (3, 8)      # counts stay global
+    assert part.expert_tokens.shape == (3, 8)      # counts stay global
 
 
 # --- clear errors -----------------------------------------------------------------------------
@@ -117,8 +118,9 @@ def test_unknown_architecture_lists_supported(broken) -> None:
     config = json.loads((broken / "config.json").read_text())
     config.update(architectures=["LlamaForCausalLM"], model_type="llama")
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"config\.json: unsupported architecture \['LlamaForCausalLM'\]; "
-                                              r"supported: .*MixtralForCausalLM.*OlmoeForCausalLM.*Qwen3MoeForCausalLM"):
+    pattern = (r"config\.json: unsupported architecture \['LlamaForCausalLM'\]; "
+               r"supported: .*MixtralForCausalLM.*OlmoeForCausalLM.*Qwen3MoeForCausalLM")
+    with pytest.raises(CheckpointError, match=pattern):
         _load(broken)
 
 
@@ -137,13 +139,17 @@ def test_missing_expert_tensor_is_named(broken) -> None:
 
 
 @pytest.mark.parametrize(("name", "shape", "pattern"), [
-    ("model.layers.1.block_sparse_moe.gate.weight", (7, 64), r"layers\.1\.moe\.router\.weight has shape \(7, 64\), expected \(8, 64\)"),
+    ("model.layers.1.block_sparse_moe.gate.weight", (7, 64),
+     r"layers\.1\.moe\.router\.weight has shape \(7, 64\), expected \(8, 64\)"),
     ("model.norm.weight", (65,), r"norm\.weight has shape \(65,\), expected \(64,\)"),
     ("model.layers.0.self_attn.k_proj.weight", (33, 64), r"layers\.0\.attn\.qkv\.weight has shape \(129, 64\)"),
-    # A part of a fused parameter whose width differs used to escape as torch.cat's RuntimeError.
-    ("model.layers.1.self_attn.k_proj.weight", (32, 63), r"'model\.layers\.1\.self_attn\.k_proj\.weight' has shape \(32, 63\)"),
+    # Parts of one fused parameter (q/k/v, gate/up, stacked experts) whose other dims differ used to
+    # escape as torch.cat / torch.stack RuntimeErrors.
+    ("model.layers.1.self_attn.k_proj.weight", (32, 63),
+     r"'model\.layers\.1\.self_attn\.k_proj\.weight' has shape \(32, 63\)"),
     (EXPERTS.format(i=1, e=3) + "w2.weight", (64, 95), r"experts\.3\.w2\.weight' has shape \(64, 95\)"),
-    (EXPERTS.format(i=0, e=2) + "w1.weight", (96, 60), r"experts\.2\.w3\.weight' has shape \(96, 64\).*experts\.2\.w1\.weight' with shape \(96, 60\)"),
+    (EXPERTS.format(i=0, e=2) + "w1.weight", (96, 60),
+     r"experts\.2\.w3\.weight' has shape \(96, 64\).*experts\.2\.w1\.weight' with shape \(96, 60\)"),
 ])
 def test_mis_shaped_tensor(broken, name: str, shape: tuple[int, ...], pattern: str) -> None:
     _rewrite(broken / "model.safetensors", lambda t: t.__setitem__(name, torch.zeros(shape)))
@@ -195,7 +201,13 @@ def test_invalid_index_json(broken) -> None:
 def test_reader_closes_files_after_error(broken, monkeypatch) -> None:
     """A failed load must not leave safetensors handles open (they map the file)."""
     closed = []
-    monkeypatch.setattr(CheckpointReader, "close", lambda self: closed.append(self.model_dir))
+    original = CheckpointReader.close
+
+    def recording_close(self):
+        closed.append(self.model_dir)
+        original(self)
+
+    monkeypatch.setattr(CheckpointReader, "close", recording_close)
     _rewrite(broken / "model.safetensors", lambda t: t.pop("model.norm.weight"))
     with pytest.raises(CheckpointError):
         loader.load_model(broken, torch.float32, progress=False)
