@@ -33,6 +33,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "seed": (int, "seed of the unseeded sampling generator (default 0)"),
     "shutdown-timeout": (float, "on SIGTERM, seconds running requests may take to finish (default 30)"),
     "log-level": (str, "debug | info | warning | error"),
+    "expert-metrics": (str, "full (per layer and expert) | summary (per expert, for huge models) | off"),
+    "max-body-bytes": (int, "largest request body accepted; larger ones get 413 (default 16 MiB)"),
 }
 _ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineConfig)}
 _SERVER_KEYS = {f.name for f in dataclasses.fields(ServerConfig)}

@@ -77,8 +77,11 @@ class ServerConfig:
     max_body_bytes: int = 16 << 20
     shutdown_timeout: float = 30.0           # SIGTERM: seconds running requests may take to finish
     log_level: str = "info"
+    expert_metrics: Literal["full", "summary", "off"] = "full"
 
     def __post_init__(self) -> None:
+        _choice("expert_metrics", self.expert_metrics, ("full", "summary", "off"))
+        _choice("log_level", self.log_level, ("debug", "info", "warning", "error", "critical"))
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be in [0, 65535], got {self.port}")
         if self.max_queue is not None:

@@ -141,6 +141,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     # n > 1 and sequences 1..n-1 wait for sequence 0 to finish the prompt, to share its KV blocks.
     children_pending: bool = False
+    first_scheduled_time: float | None = None    # time.monotonic() of its first step
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)

@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--capacity-factor", type=float, default=1.0,
                    help="dense baseline capacity factor for timing (GShard/DeepSpeed default 1.0)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: process CPU time, robust to other processes on the cores but only "
+                        "a latency with --threads 1 (with more threads it sums them)")
     p.add_argument("--budget", type=float, default=4.0, help="seconds of timed repeats per case")
     p.add_argument("--min-repeats", type=int, default=3)
     p.add_argument("--max-repeats", type=int, default=50)
@@ -182,13 +185,14 @@ def time_interleaved(fns: dict[str, Callable[[], object]], args: argparse.Namesp
     for _ in range(args.warmup):
         for fn in fns.values():
             fn()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     for rnd in range(args.max_repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
         spent = time.perf_counter() - start
         if spent >= args.budget and (rnd + 1 >= args.min_repeats or spent >= args.budget * (rnd + 1)):
             break
@@ -205,31 +209,33 @@ class CaseResult:
     repeats: dict = field(default_factory=dict)   # impl -> repeats timed
     max_rel_err: dict = field(default_factory=dict)
     dense_capacity: int = 0
-    dense_dropped_routes: float = 0.0             # fraction of routes dropped at timed capacity
+    dense_dropped_tokens: float = 0.0             # tokens that lost a route at the timed capacity
 
 
-def run_case(impls: dict[str, Callable], dense: DenseDispatchMoE, x: torch.Tensor,
-             dtype_name: str, args: argparse.Namespace) -> CaseResult:
-    dtype = DTYPES[dtype_name]
-    res = CaseResult(dtype=dtype_name, tokens=x.shape[0])
+def check_outputs(impls: dict[str, Callable], dense: DenseDispatchMoE, x: torch.Tensor,
+                  res: CaseResult, args: argparse.Namespace) -> None:
+    """Every implementation against moeserve; exits naming the one that disagrees."""
+    dtype = DTYPES[res.dtype]
     ref = impls["moeserve"](x)
-    # Dense with a drop-free capacity must match on every token.
-    dense.capacity_factor = None
-    outs = {name: fn(x) for name, fn in impls.items() if name != "moeserve"}
-    checks = {f"{name}": (out, None) for name, out in outs.items() if name != "dense"}
-    checks["dense(no-drop)"] = (outs["dense"], None)
-    dense.capacity_factor = args.capacity_factor
-    dense_timed = impls["dense"](x)
-    kept = dense.last_kept
-    checks["dense(kept tokens)"] = (dense_timed, kept)
-    res.dense_dropped_routes = 1.0 - float(kept.float().mean()) if kept is not None else 0.0
+    checks = {name: (fn(x), None) for name, fn in impls.items() if name not in ("moeserve", "dense")}
+    dense.capacity_factor = None                       # drop nothing: must match on every token
+    checks["dense(no-drop)"] = (dense(x), None)
+    dense.capacity_factor = args.capacity_factor       # timed capacity: match where nothing dropped
+    checks["dense(kept tokens)"] = (dense(x), dense.last_kept)
+    res.dense_dropped_tokens = 1.0 - float(dense.last_kept.float().mean())
     res.dense_capacity = math.ceil(x.shape[0] * args.top_k / args.experts * args.capacity_factor)
     for name, (out, rows) in checks.items():
         ok, err = close(out, ref, dtype, rows)
         res.max_rel_err[name] = err
         if not ok:
-            raise SystemExit(f"{dtype_name} T={x.shape[0]}: {name} disagrees with moeserve "
+            raise SystemExit(f"{res.dtype} T={x.shape[0]}: {name} disagrees with moeserve "
                              f"(max |diff| / max |ref| = {err:.3g})")
+
+
+def run_case(impls: dict[str, Callable], dense: DenseDispatchMoE, x: torch.Tensor,
+             dtype_name: str, args: argparse.Namespace) -> CaseResult:
+    res = CaseResult(dtype=dtype_name, tokens=x.shape[0])
+    check_outputs(impls, dense, x, res, args)
     times = time_interleaved({name: (lambda fn=fn: fn(x)) for name, fn in impls.items()}, args)
     for name, ts in times.items():
         res.ms[name] = statistics.median(ts) * 1e3
@@ -238,14 +244,21 @@ def run_case(impls: dict[str, Callable], dense: DenseDispatchMoE, x: torch.Tenso
     return res
 
 
-def matmul_gflops(dtype: torch.dtype, n: int) -> float:
+def matmul_gflops(dtype: torch.dtype, n: int, linear: bool) -> float:
+    """n^3 matmul rate. linear: x @ W.T with W [N, K] row-major (F.linear, the layout MoE layers
+    use); else a @ b. On CPUs without bf16 instructions the two differ ~8x for bfloat16."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+    fn = (lambda: F.linear(a, b)) if linear else (lambda: a @ b)
+    fn()
     t0, reps = time.perf_counter(), 0
     while reps < 2 or time.perf_counter() - t0 < 0.5:
-        a @ b
+        fn()
         reps += 1
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def native_bf16() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +271,7 @@ def ratio(res: CaseResult, name: str) -> str:
     return f"{res.ms[name] / res.ms['moeserve']:.2f}x"
 
 
-def print_table(results: list[CaseResult], bf16_gflops: float) -> None:
+def print_table(results: list[CaseResult]) -> None:
     cols = ["dtype", "T", "moeserve ms", "HF ms", "HF-gmm ms", "dense ms",
             "HF/moe", "HF-gmm/moe", "dense/moe", "dense drop"]
     rows = []
@@ -268,7 +281,7 @@ def print_table(results: list[CaseResult], bf16_gflops: float) -> None:
             continue
         ms = [f"{r.ms[n]:.3f}" if n in r.ms else "-" for n in ("moeserve", "HF", "HF-gmm", "dense")]
         rows.append([r.dtype, str(r.tokens), *ms, ratio(r, "HF"), ratio(r, "HF-gmm"),
-                     ratio(r, "dense"), f"{r.dense_dropped_routes:.1%}"])
+                     ratio(r, "dense"), f"{r.dense_dropped_tokens:.1%}"])
     widths = [max(len(c), *(len(row[i]) for row in rows if not _is_skip(row))) for i, c in enumerate(cols)]
     print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -293,9 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} "
           f"(timings are wall clock: other processes on these cores inflate them)")
-    fp32_gflops = matmul_gflops(torch.float32, 1024)
-    bf16_gflops = matmul_gflops(torch.bfloat16, 256)
-    print(f"matmul: float32 1024^3 {fp32_gflops:.1f} GFLOP/s, bfloat16 256^3 {bf16_gflops:.2f} GFLOP/s")
+    fp32_gflops = matmul_gflops(torch.float32, 1024, linear=True)
+    bf16_gflops = matmul_gflops(torch.bfloat16, 256, linear=True)
+    bf16_ab_gflops = matmul_gflops(torch.bfloat16, 256, linear=False)
+    print(f"matmul GFLOP/s: float32 F.linear 1024^3 {fp32_gflops:.1f}; bfloat16 F.linear 256^3 "
+          f"{bf16_gflops:.2f}, a @ b 256^3 {bf16_ab_gflops:.2f} (native bf16 instructions: {native_bf16()})")
     print(f"shape: H={args.hidden} I={args.intermediate} E={args.experts} K={args.top_k}, "
           f"dense capacity factor {args.capacity_factor}")
     results: list[CaseResult] = []
@@ -303,11 +318,12 @@ def main(argv: list[str] | None = None) -> int:
         for dtype_name in args.dtypes:
             results += run_dtype(dtype_name, args, bf16_gflops)
     print()
-    print_table(results, bf16_gflops)
+    print_table(results)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"args": vars(args), "load_average": os.getloadavg(),
                        "fp32_gflops": fp32_gflops, "bf16_gflops": bf16_gflops,
+                       "bf16_ab_gflops": bf16_ab_gflops, "native_bf16": native_bf16(),
                        "results": [asdict(r) for r in results]}, f, indent=2)
         print(f"wrote {args.json_out}")
     return 0
@@ -327,8 +343,9 @@ def run_dtype(dtype_name: str, args: argparse.Namespace, bf16_gflops: float) -> 
     out = []
     for t in args.tokens:
         if dtype == torch.bfloat16 and t > args.max_bf16_tokens:
-            out.append(CaseResult(dtype_name, t, skipped=(
-                f"skipped (bf16 emulated on this CPU: {bf16_gflops:.2f} GFLOP/s)")))
+            why = (f"bf16 emulated on this CPU: {bf16_gflops:.2f} GFLOP/s" if not native_bf16()
+                   else f"--max-bf16-tokens {args.max_bf16_tokens}")
+            out.append(CaseResult(dtype_name, t, skipped=f"skipped ({why})"))
             continue
         x = torch.randn(t, args.hidden, generator=torch.Generator().manual_seed(args.seed + t)).to(dtype)
         t0 = time.perf_counter()

@@ -84,6 +84,10 @@ class Engine:
         self.scheduler.abort(request_id)
         self._states.pop(request_id, None)
 
+    def expert_placement(self) -> list[range]:
+        """The global expert ids each expert-parallel rank owns (one rank for now)."""
+        return [range(self.model_config.num_experts)]
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
@@ -148,7 +152,8 @@ class Engine:
             index=o.index, text=o.text, token_ids=o.token_ids, delta_text=o.delta_text,
             delta_token_ids=o.delta_token_ids, delta_logprobs=o.delta_logprobs, logprobs=o.logprobs,
             finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in state.outputs]
-        return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished)
+        return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished,
+                             first_scheduled_time=request.first_scheduled_time)
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = list(self.model_config.eos_token_ids)

@@ -31,6 +31,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    first_scheduled_time: float | None = None    # time.monotonic(), for the queue-time metric
 
     @property
     def num_generated_tokens(self) -> int:

@@ -19,6 +19,7 @@ Plain Python, no torch: this runs every step, so nothing here is worse than O(se
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterable
@@ -251,6 +252,8 @@ class Scheduler:
         return budget if self.config.enable_chunked_prefill else 0
 
     def _scheduled_seq(self, seq: Sequence, num_new: int) -> ScheduledSeq:
+        if seq.request.first_scheduled_time is None:   # for the queue-time metric
+            seq.request.first_scheduled_time = time.monotonic()
         start = seq.num_computed_tokens
         end = start + num_new
         return ScheduledSeq(

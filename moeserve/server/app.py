@@ -73,8 +73,19 @@ def create_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: i
     if api_key:
         _install_auth(app, api_key)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if metrics is not None:   # added last: outermost, so it sees 401 and 413 too
+        _install_error_counter(app, metrics)
     _install_routes(app, ctx, metrics)
     return app
+
+
+def _install_error_counter(app: FastAPI, metrics) -> None:
+    @app.middleware("http")
+    async def count_errors(request: Request, call_next):
+        response = await call_next(request)
+        if response.status_code >= 400:
+            metrics.errors.labels(status=str(response.status_code)).inc()
+        return response
 
 
 def _install_auth(app: FastAPI, api_key: str) -> None:
@@ -99,6 +110,8 @@ def _install_errors(app: FastAPI) -> None:
     async def invalid(_request: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "))
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         where = ".".join(loc) or "body"
         return _error(400, f"invalid request: {where}: {first.get('msg', 'malformed body')}", loc[0] if loc else None)

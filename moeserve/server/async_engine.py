@@ -12,11 +12,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from moeserve.engine.engine import Engine
 from moeserve.engine.outputs import RequestOutput
+from moeserve.metrics import Metrics, RequestTimeline
 from moeserve.request import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,12 @@ class _Abort:
 class RequestStream:
     """An accepted request: iterate it for RequestOutputs; closing it early aborts the request."""
 
-    def __init__(self, bridge: "AsyncEngine", request_id: str, outputs: asyncio.Queue) -> None:
+    def __init__(self, bridge: "AsyncEngine", request_id: str, outputs: asyncio.Queue,
+                 timeline: RequestTimeline) -> None:
         self._bridge, self.request_id, self._outputs = bridge, request_id, outputs
+        self.timeline = timeline
         self.finished = False
+        self._finish_reason: str | None = None
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:
@@ -58,20 +63,36 @@ class RequestStream:
                 item = await self._bridge.next_item(self._outputs)
                 if isinstance(item, BaseException):
                     raise item
+                self._record(item)
                 self.finished = item.finished
                 yield item
         finally:
             self.abort()
 
+    def _record(self, out: RequestOutput) -> None:
+        self.timeline.record(sum(len(o.delta_token_ids) for o in out.outputs), time.monotonic())
+        if self.timeline.first_scheduled is None:
+            self.timeline.first_scheduled = out.first_scheduled_time
+        if out.finished and out.outputs and out.outputs[0].finish_reason is not None:
+            self._finish_reason = out.outputs[0].finish_reason.value
+
     def abort(self) -> None:
+        """Ends the request (a no-op once finished) and reports its metrics, exactly once."""
+        if self.timeline is None:
+            return
         if not self.finished:
             self.finished = True
             self._bridge.abort(self.request_id)
+            self._finish_reason = "abort"
+        if self._bridge.metrics is not None:
+            self._bridge.metrics.observe_request(self.timeline, self._finish_reason)
+        self.timeline = None
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_queue: int | None = None) -> None:
+    def __init__(self, engine: Engine, max_queue: int | None = None, metrics: Metrics | None = None) -> None:
         self.engine = engine
+        self.metrics = metrics
         self.max_queue = max_queue
         self.error: BaseException | None = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -100,6 +121,7 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine is not running: {self.error!r}")
         if self.max_queue is not None and self.engine.scheduler.num_waiting + self._pending_adds >= self.max_queue:
             raise QueueFullError(f"too many requests waiting (--max-queue {self.max_queue}); retry later")
+        timeline = RequestTimeline(len(prompt_token_ids))
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         self._pending_adds += 1
@@ -110,7 +132,7 @@ class AsyncEngine:
             self._pending_adds -= 1
         if isinstance(first, BaseException):
             raise first
-        return RequestStream(self, request_id, outputs)
+        return RequestStream(self, request_id, outputs, timeline)
 
     def abort(self, request_id: str) -> None:
         self._send(_Abort(request_id))

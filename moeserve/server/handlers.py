@@ -77,7 +77,7 @@ async def create_completion(req: CompletionRequest, ctx: ServerContext):
     job = await _submit(ctx, "cmpl", req, _tokenize_prompts(req.prompt, ctx), req.max_tokens, req.logprobs)
     fmt = LogprobFormatter(ctx.tokenizer)
     if req.stream:
-        return EventSourceResponse(_sse(_completion_chunks(job, fmt, req.logprobs is not None)), ping=15)
+        return EventSourceResponse(_sse(_completion_chunks(job, fmt, req.logprobs is not None), ctx), ping=15)
     finals = await _collect(job)
     choices = [CompletionChoice(index=i * job.n + o.index, text=o.text, finish_reason=finish_reason(o),
                                 stop_reason=o.stop_reason,
@@ -98,7 +98,7 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
     job = await _submit(ctx, "chatcmpl", req, [ids], max_tokens, logprobs)
     fmt = LogprobFormatter(ctx.tokenizer)
     if req.stream:
-        return EventSourceResponse(_sse(_chat_chunks(job, fmt, logprobs is not None)), ping=15)
+        return EventSourceResponse(_sse(_chat_chunks(job, fmt, logprobs is not None), ctx), ping=15)
     final = (await _collect(job))[0]
     choices = [ChatChoice(index=o.index, message=ChatResponseMessage(content=o.text),
                           finish_reason=finish_reason(o), stop_reason=o.stop_reason,
@@ -123,13 +123,15 @@ def _dump(chunk: BaseModel) -> str:
     return chunk.model_dump_json(exclude={"usage"} if getattr(chunk, "usage", None) is None else set())
 
 
-async def _sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+async def _sse(chunks: AsyncIterator[BaseModel], ctx: ServerContext) -> AsyncIterator[str]:
     """SSE data lines; an engine failure mid-stream becomes an error event, then [DONE]."""
     try:
         async for chunk in chunks:
             yield _dump(chunk)
     except (EngineDeadError, APIError) as exc:
         status = exc.status if isinstance(exc, APIError) else 500
+        if ctx.engine.metrics is not None:
+            ctx.engine.metrics.errors.labels(status=str(status)).inc()
         yield json.dumps(error_body(status, str(exc)))
     yield "[DONE]"
 

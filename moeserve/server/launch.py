@@ -8,6 +8,7 @@ import uvicorn
 
 from moeserve.config import EngineConfig, ServerConfig
 from moeserve.engine.engine import Engine
+from moeserve.metrics import Metrics
 from moeserve.server.app import create_app
 from moeserve.server.async_engine import AsyncEngine
 from moeserve.server.handlers import ServerContext
@@ -21,13 +22,16 @@ def build_context(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> ServerC
     name = server_cfg.served_model_name or engine.model_dir.name
     served = ServedModel(name=name, max_model_len=engine.scheduler.max_seq_len,
                          vocab_size=engine.model_config.vocab_size)
-    return ServerContext(AsyncEngine(engine, server_cfg.max_queue), served, engine.tokenizer)
+    metrics = Metrics(engine, name, server_cfg.expert_metrics)
+    engine.model.count_experts = server_cfg.expert_metrics != "off"
+    return ServerContext(AsyncEngine(engine, server_cfg.max_queue, metrics), served, engine.tokenizer)
 
 
 def serve(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
     logging.basicConfig(level=server_cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = build_context(engine_cfg, server_cfg)
-    app = create_app(ctx, api_key=server_cfg.api_key, max_body_bytes=server_cfg.max_body_bytes)
+    app = create_app(ctx, api_key=server_cfg.api_key, max_body_bytes=server_cfg.max_body_bytes,
+                     metrics=ctx.engine.metrics)
     log.info("serving %s on http://%s:%d", ctx.served.name, server_cfg.host, server_cfg.port)
     config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level=server_cfg.log_level,
                             timeout_graceful_shutdown=server_cfg.shutdown_timeout)
