@@ -33,6 +33,9 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "seed": (int, "seed of the unseeded sampling generator (default 0)"),
     "shutdown-timeout": (float, "on SIGTERM, seconds running requests may take to finish (default 30)"),
     "log-level": (str, "debug | info | warning | error"),
+    "capacity-factor": (float, "cap each expert at ceil(T/E * factor * k) routes per MoE layer and step (default: dropless)"),
+    "min-capacity": (int, "lower bound of that cap (default 4)"),
+    "drop-policy": (str, "which routes a full expert drops: position (latest tokens) | probs (lowest scores)"),
     "expert-metrics": (str, "full (per layer and expert) | summary (per expert, for huge models) | off"),
     "max-body-bytes": (int, "largest request body accepted; larger ones get 413 (default 16 MiB)"),
 }

@@ -39,8 +39,15 @@ class EngineConfig:
     kv_cache_fraction: float = 0.1
     seed: int = 0
     enable_chunked_prefill: bool = True
+    capacity_factor: float | None = None     # None = dropless (the checkpoint's own behaviour)
+    min_capacity: int = 4
+    drop_policy: Literal["position", "probs"] = "position"
 
     def __post_init__(self) -> None:
+        _choice("drop_policy", self.drop_policy, ("position", "probs"))
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ConfigError(f"--capacity-factor must be > 0, got {self.capacity_factor}")
+        _positive_int("min_capacity", self.min_capacity)
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):

@@ -46,6 +46,7 @@ class Engine:
         if config.seed is not None:
             torch.manual_seed(config.seed)
         self.model = load_model(self.model_dir, self.dtype, self.device)
+        self.model.set_capacity(config.capacity_factor, config.min_capacity, config.drop_policy)
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.eos_token_ids = self._eos_ids()
         self.max_model_len = self._max_model_len()
@@ -130,8 +131,13 @@ class Engine:
             if detok is not None:
                 delta = detok.step([token])
                 out.delta_text += delta.text
-                if delta.stop is not None and seq.finish_reason is None:
-                    self.scheduler.finish_seq(seq.seq_id, FinishReason.STOP)
+                if delta.stop is not None:
+                    if seq.finish_reason is None:
+                        self.scheduler.finish_seq(seq.seq_id, FinishReason.STOP)
+                    else:
+                        # This token also hit max_tokens (or EOS): the text was cut at the stop
+                        # string, so report the stop string, as vLLM does.
+                        seq.finish_reason = FinishReason.STOP
                     out.stop_reason = delta.stop
         if seq.finish_reason is not None and out.finish_reason is None:
             out.finish_reason = seq.finish_reason

@@ -12,42 +12,12 @@ Per-expert counts are returned beside the output as a device tensor: no .item(),
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    num_experts: int
-    top_k: int
-    scoring: Literal["softmax", "sigmoid"] = "softmax"
-    renormalize: bool = True
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be in [1, {self.num_experts}], got {self.top_k}")
-        if self.scoring not in ("softmax", "sigmoid"):
-            raise ValueError(f"scoring must be softmax or sigmoid, got {self.scoring!r}")
-
-
-@dataclass
-class Routing:
-    expert_ids: torch.Tensor  # [T, K] int64
-    weights: torch.Tensor     # [T, K] float32
-    counts: torch.Tensor      # [E] int64 routes chosen per expert
-
-
-def route(logits: torch.Tensor, cfg: RoutingConfig) -> Routing:
-    """Top-k routing. logits [T, E] -> Routing. Scores are computed in float32 as every reference does."""
-    scores = logits.float().softmax(-1) if cfg.scoring == "softmax" else logits.float().sigmoid()  # [T, E]
-    weights, expert_ids = torch.topk(scores, cfg.top_k, dim=-1)                                     # [T, K]
-    if cfg.renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
-    counts = torch.bincount(expert_ids.flatten(), minlength=cfg.num_experts)                        # [E]
-    return Routing(expert_ids, weights, counts)
+from moeserve.layers.routing import Routing, RoutingConfig, route
 
 
 class Experts(nn.Module):
@@ -72,7 +42,10 @@ class Experts(nn.Module):
         k = routing.expert_ids.shape[1]
         local_ids = routing.expert_ids.flatten() - self.first_expert              # [R]
         is_local = (local_ids >= 0) & (local_ids < self.num_local)                # [R]
-        # Routes owned by other ranks go to a sentinel group E_local, sorted after every local one.
+        skip_some = not self.holds_all or routing.capacity_limited
+        if routing.capacity_limited:
+            is_local &= routing.kept.flatten()
+        # Routes owned by other ranks (or dropped) go to a sentinel group E_local, sorted last.
         local_ids = torch.where(is_local, local_ids, self.num_local)
         order = local_ids.argsort(stable=True)                                    # [R] grouped by expert
         token_of_route = order // k                                               # [R]
@@ -84,7 +57,7 @@ class Experts(nn.Module):
         hidden = F.silu(gate) * up                                                # [R, I]
         out_sorted = F.grouped_mm(hidden, self.w2.transpose(-2, -1), offs=offsets)  # [R, H]
         weighted = out_sorted * routing.weights.flatten()[order, None].to(out_sorted.dtype)  # [R, H]
-        if not self.holds_all:
+        if skip_some:
             # Rows past offsets[-1] (other ranks' routes) are left uninitialised by grouped_mm.
             weighted = torch.where(is_local[order, None], weighted, 0.0)
         out = torch.zeros_like(x)
@@ -119,15 +92,15 @@ class MoEShape:
 class MoELayer(nn.Module):
     def __init__(self, shape: MoEShape) -> None:
         super().__init__()
-        self.routing_cfg = shape.routing
+        self.routing_cfg = shape.routing   # replaced by set_capacity() for the serving knobs
         self.router = nn.Linear(shape.hidden, shape.routing.num_experts, bias=False)
         self.experts = Experts(shape.routing.num_experts, shape.hidden, shape.intermediate,
                                shape.first_expert, shape.num_local)
         self.shared = DenseMLP(shape.hidden, shape.shared_intermediate) if shape.shared_intermediate else None
         self.shared_gate = nn.Linear(shape.hidden, 1, bias=False) if shape.shared_gated else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # x [T, H] -> (out [T, H], counts [E])
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        # x [T, H] -> (out [T, H], routing: counts [E] and dropped [E] ride along)
         routing = route(self.router(x), self.routing_cfg)
         out = self.experts(x, routing)
         if self.shared is not None:
@@ -135,4 +108,4 @@ class MoELayer(nn.Module):
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(x)) * shared  # [T, 1] gate
             out = out + shared
-        return out, routing.counts
+        return out, routing

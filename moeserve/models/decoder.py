@@ -9,11 +9,14 @@ Legend: T tokens in the step, H hidden, V vocab, E experts, NB KV blocks, BS blo
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from moeserve.layers.attention import Attention, AttentionMetadata
-from moeserve.layers.moe import DenseMLP, MoELayer, MoEShape, RoutingConfig
+from moeserve.layers.moe import DenseMLP, MoELayer, MoEShape
+from moeserve.layers.routing import RoutingConfig
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding
 from moeserve.models.config import MoEModelConfig
@@ -31,14 +34,16 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 counts_out: torch.Tensor | None) -> torch.Tensor:
-        # x [T, H]; counts_out [E] this layer's row of the running expert-token totals, or None
+        # x [T, H]; counts_out [2, E] this layer's running (routed, dropped) totals, or None
         x = x + self.attn(self.attn_norm(x), kv_cache, meta)
         h = self.mlp_norm(x)
         if self.moe is None:
             return x + self.mlp(h)
-        out, counts = self.moe(h)
-        if counts_out is not None:
-            counts_out.add_(counts)   # cumulative, on the device: no host sync
+        out, routing = self.moe(h)
+        if counts_out is not None:    # cumulative, on the device: no host sync
+            counts_out[0].add_(routing.counts)
+            if routing.capacity_limited:
+                counts_out[1].add_(routing.dropped)
         return x + out
 
 
@@ -61,10 +66,7 @@ class MoEDecoder(nn.Module):
             self.lm_head.weight = self.embed.weight
         # Running totals of routes per (MoE layer, expert), kept on the device and read by metrics
         # at scrape time; dropped routes (capacity limits) beside them. count_experts=False skips it.
-        totals = dict(dtype=torch.int64)
-        self.register_buffer("expert_tokens", torch.zeros(cfg.num_moe_layers, cfg.num_experts, **totals),
-                             persistent=False)
-        self.register_buffer("expert_dropped", torch.zeros(cfg.num_moe_layers, cfg.num_experts, **totals),
+        self.register_buffer("expert_totals", torch.zeros(cfg.num_moe_layers, 2, cfg.num_experts, dtype=torch.int64),
                              persistent=False)
         self.count_experts = True
         self._moe_row = [sum(cfg.moe_layers[:i]) for i in range(cfg.num_layers)]
@@ -78,17 +80,32 @@ class MoEDecoder(nn.Module):
     def post_load(self) -> None:
         """Fills the non-checkpoint buffers after the model was built on the meta device."""
         self.layers[0].attn.rotary.reset_tables()
-        self.expert_tokens.zero_()
-        self.expert_dropped.zero_()
+        self.expert_totals.zero_()
         self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: torch.Tensor) -> torch.Tensor:
         # input_ids [T]; kv_caches [layers, 2, NB, BS, NKV, D] -> hidden [T, H] (final-normed)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            row = self.expert_tokens[self._moe_row[i]] if layer.moe is not None and self.count_experts else None
+            row = self.expert_totals[self._moe_row[i]] if layer.moe is not None and self.count_experts else None
             x = layer(x, kv_caches[i], meta, row)
         return self.norm(x)
+
+    @property
+    def expert_tokens(self) -> torch.Tensor:
+        return self.expert_totals[:, 0]     # [L_moe, E] routes chosen, before any capacity drop
+
+    @property
+    def expert_dropped(self) -> torch.Tensor:
+        return self.expert_totals[:, 1]     # [L_moe, E] routes dropped by a capacity limit
+
+    def set_capacity(self, capacity_factor: float | None, min_capacity: int, drop_policy: str) -> None:
+        """Applies the serving knobs (--capacity-factor ...) to every MoE layer's router."""
+        for layer in self.layers:
+            if layer.moe is not None:
+                layer.moe.routing_cfg = dataclasses.replace(
+                    layer.moe.routing_cfg, capacity_factor=capacity_factor, min_capacity=min_capacity,
+                    drop_policy=drop_policy)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()    # [n, H] -> [n, V] float32 for the sampler

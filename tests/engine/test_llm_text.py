@@ -4,6 +4,8 @@ a stop string ends the sequence with finish_reason STOP and is trimmed from the 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tests.engine.engine_helpers import make_llm
@@ -112,6 +114,11 @@ def test_stop_string_is_trimmed_and_reported(llm, greedy_runs, include_stop):
         assert choice.token_ids == ids[:m]
         assert choice.text == text[: at + len(stop) if include_stop else at]
         assert deltas[0] == choice.text        # nothing streamed that the stop later took back
+        # The token completing the stop string is also the last max_tokens allows: still a stop
+        # (as vLLM), since the text was cut there.
+        (cut,) = llm.generate([free.prompt_token_ids], replace(params, max_tokens=m))[0].outputs
+        assert (cut.finish_reason, cut.stop_reason) == (FinishReason.STOP, stop)
+        assert (cut.token_ids, cut.text) == (choice.token_ids, choice.text)
         tested += 1
     assert tested >= 3, "too few greedy outputs had a usable stop string"
     assert not llm.engine.has_unfinished_requests()

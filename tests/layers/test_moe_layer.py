@@ -75,7 +75,8 @@ def test_matches_hf_block(kind: str, tokens: int) -> None:
     with torch.no_grad():
         expected = ref(x[None])[0]                          # HF blocks take [B, S, H]
         _, _, hf_ids = ref.gate(x)                          # [T, K] HF's chosen experts
-        out, counts = ours(x)
+        out, routing = ours(x)
+        counts = routing.counts
     assert out.shape == (tokens, H) and out.dtype == torch.float32
     torch.testing.assert_close(out, expected, atol=ATOL, rtol=1e-5)
     assert counts.dtype == torch.int64 and counts.shape == (E,)

@@ -9,6 +9,7 @@ import time
 import httpx
 import openai
 import pytest
+import pytest_asyncio
 
 import moeserve
 from tests.server.api_helpers import CHAT, sse_chunks, stream_raw
@@ -23,7 +24,7 @@ def client(live_server) -> openai.OpenAI:
         yield c
 
 
-@pytest.fixture
+@pytest_asyncio.fixture
 async def aclient(live_server):
     async with openai.AsyncOpenAI(base_url=live_server.url + "/v1", api_key="x", max_retries=0, timeout=60) as c:
         yield c

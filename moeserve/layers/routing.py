@@ -1,0 +1,172 @@
+"""Router policies of the published MoE systems, as one pure function: route(logits, cfg) -> Routing.
+
+Legend: T tokens, E experts, K top-k, G expert groups, C capacity (routes an expert may take).
+
+Contract. Given router logits [T, E] (any float dtype; the math runs in float32):
+  1. scores = softmax(logits) (GShard, Switch, Mixtral, Qwen, OLMoE, DeepSeek-V2) or
+     sigmoid(logits) (DeepSeek-V3).
+  2. Experts are chosen by top-k over scores + score_bias (DeepSeek-V3's auxiliary-loss-free
+     correction bias: it steers the choice and never the weights), optionally limited to the
+     topk_group best of n_group expert groups (group score: max for DeepSeek-V2, sum of the top 2
+     for DeepSeek-V3) or to the device_limit best devices (DeepSeek-V2 device-limited routing;
+     device score = best expert score on it).
+  3. weights = the chosen experts' scores, renormalised over the K if `renormalize`.
+  4. capacity_factor (None = dropless): each expert takes at most
+     C = max(min_capacity, ceil(T / E * capacity_factor * K)) routes, as DeepSpeed-MoE's
+     top1gating / top2gating / topkgating with random token selection off. K = 1 keeps the raw
+     probability; K >= 2 renormalises over the routes that survive (K = 2 places every first choice
+     before any second choice). drop_policy "position" keeps the earliest tokens, "probs" the
+     highest-scoring routes of each expert.
+  5. weights *= routed_scaling_factor. counts are routes chosen before dropping; dropped the routes
+     removed by the capacity limit; aux_loss the load-balancing loss DeepSpeed computes for that K.
+Inference is deterministic; jitter / rsample / random token selection exist for training only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    num_experts: int
+    top_k: int
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = True
+    capacity_factor: float | None = None
+    min_capacity: int = 4
+    drop_policy: Literal["position", "probs"] = "position"
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: Literal["max", "top2_sum"] = "max"
+    device_limit: int | None = None          # M: at most M devices per token
+    num_devices: int = 1                     # experts split contiguously over this many devices
+    noisy_gate: Literal["none", "jitter", "rsample"] = "none"   # training only
+    jitter_eps: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in [1, {self.num_experts}], got {self.top_k}")
+        if self.scoring not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring must be softmax or sigmoid, got {self.scoring!r}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.drop_policy not in ("position", "probs"):
+            raise ValueError(f"drop_policy must be position or probs, got {self.drop_policy!r}")
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"n_group ({self.n_group}) must divide num_experts ({self.num_experts}) "
+                             f"and topk_group ({self.topk_group}) must be in [1, n_group]")
+        if self.device_limit is not None and not 1 <= self.device_limit <= self.num_devices:
+            raise ValueError(f"device_limit must be in [1, {self.num_devices}], got {self.device_limit}")
+
+    def capacity(self, num_tokens: int) -> int:
+        return max(self.min_capacity, math.ceil(num_tokens / self.num_experts * self.capacity_factor * self.top_k))
+
+
+@dataclass
+class Routing:
+    expert_ids: torch.Tensor   # [T, K] int64
+    weights: torch.Tensor      # [T, K] float32 (0 where dropped)
+    kept: torch.Tensor         # [T, K] bool
+    counts: torch.Tensor       # [E] int64 routes chosen, before dropping
+    dropped: torch.Tensor      # [E] int64 routes removed by the capacity limit
+    aux_loss: torch.Tensor     # [] float32
+    capacity_limited: bool = False   # a capacity limit was applied: `kept` may be False somewhere
+
+
+def route(logits: torch.Tensor, cfg: RoutingConfig, score_bias: torch.Tensor | None = None,
+          training: bool = False, generator: torch.Generator | None = None) -> Routing:
+    """logits [T, E] -> Routing; see the module docstring for the contract."""
+    logits = logits.float()
+    if training and cfg.noisy_gate == "jitter":
+        noise = torch.empty_like(logits).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps, generator=generator)
+        logits = logits * noise
+    scores = logits.softmax(-1) if cfg.scoring == "softmax" else logits.sigmoid()        # [T, E]
+    choice = scores if score_bias is None else scores + score_bias.float()
+    if training and cfg.noisy_gate == "rsample":
+        choice = choice + torch.randn(choice.shape, generator=generator) / cfg.num_experts
+    choice = _limit_groups(choice, cfg)
+    expert_ids = torch.topk(choice, cfg.top_k, dim=-1).indices                         # [T, K]
+    weights = scores.gather(1, expert_ids)                                              # [T, K]
+    counts = torch.bincount(expert_ids.flatten(), minlength=cfg.num_experts)            # [E]
+    aux_loss = _aux_loss(scores, expert_ids, cfg)
+    if cfg.capacity_factor is None:
+        if cfg.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        kept = torch.ones_like(expert_ids, dtype=torch.bool)
+        dropped = torch.zeros_like(counts)
+    else:
+        kept = _apply_capacity(expert_ids, weights, cfg)
+        weights = weights * kept
+        if cfg.top_k > 1:   # DeepSpeed renormalises k >= 2 over the surviving routes
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).eps)
+        dropped = torch.bincount(expert_ids[~kept], minlength=cfg.num_experts)
+    return Routing(expert_ids, weights * cfg.routed_scaling_factor, kept, counts, dropped, aux_loss,
+                   capacity_limited=cfg.capacity_factor is not None)
+
+
+def _limit_groups(choice: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
+    """Masks to -inf the experts outside each token's best groups / devices. [T, E] -> [T, E]."""
+    t, e = choice.shape
+    if cfg.n_group > 1 and cfg.topk_group < cfg.n_group:
+        grouped = choice.view(t, cfg.n_group, e // cfg.n_group)                          # [T, G, E/G]
+        group_score = grouped.max(-1).values if cfg.group_score == "max" else grouped.topk(2, -1).values.sum(-1)
+        choice = _keep_best_groups(choice, group_score, cfg.topk_group)
+    if cfg.device_limit is not None and cfg.device_limit < cfg.num_devices:
+        per_device = _device_view(choice, cfg.num_devices)                               # [T, D, E/D]
+        choice = _keep_best_groups(choice, per_device.max(-1).values, cfg.device_limit)
+    return choice
+
+
+def _device_view(choice: torch.Tensor, devices: int) -> torch.Tensor:
+    t, e = choice.shape
+    if e % devices:
+        raise ValueError(f"device-limited routing needs num_experts ({e}) divisible by the device count ({devices})")
+    return choice.view(t, devices, e // devices)
+
+
+def _keep_best_groups(choice: torch.Tensor, group_score: torch.Tensor, keep: int) -> torch.Tensor:
+    t, e = choice.shape
+    groups = group_score.shape[1]
+    best = torch.topk(group_score, keep, dim=-1).indices                                # [T, keep]
+    mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)      # [T, G]
+    mask = mask[:, :, None].expand(t, groups, e // groups).reshape(t, e)
+    return choice.masked_fill(~mask, float("-inf"))
+
+
+def _apply_capacity(expert_ids: torch.Tensor, weights: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
+    """[T, K] bool: which routes fit in their expert's capacity (DeepSpeed-MoE semantics)."""
+    t, k = expert_ids.shape
+    capacity = cfg.capacity(t)
+    # Placement order. K <= 2 (top1/top2gating): every first choice in token order, then every
+    # second choice. K > 2 (topkgating): token order; a token's routes go to distinct experts.
+    choice_major = k <= 2
+    order_ids = (expert_ids.t() if choice_major else expert_ids).reshape(-1)            # [R]
+    one_hot = torch.nn.functional.one_hot(order_ids, cfg.num_experts)                   # [R, E]
+    if cfg.drop_policy == "position":
+        position = (one_hot.cumsum(0) - 1).gather(1, order_ids[:, None])[:, 0]          # [R]
+        kept = position < capacity
+    else:   # keep each expert's `capacity` highest-probability routes
+        route_w = (weights.t() if choice_major else weights).reshape(-1)                # [R]
+        per_expert = torch.where(one_hot.bool(), route_w[:, None], -1.0)                # [R, E]
+        top = torch.topk(per_expert, min(capacity, per_expert.shape[0]), dim=0).indices  # [C, E]
+        keep_mask = torch.zeros_like(per_expert, dtype=torch.bool).scatter_(0, top, True)
+        kept = (keep_mask & one_hot.bool()).any(1)
+    return kept.view(k, t).t() if choice_major else kept.view(t, k)
+
+
+def _aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
+    """DeepSpeed's l_aux: me = mean gate prob per expert, ce = fraction of routes (first choice
+    for k <= 2, all k for topk). k=1: Switch's E * sum(me * ce); k=2: mean(me*ce) * E^2;
+    k > 2: mean(me*ce) * E^2 / k."""
+    e = cfg.num_experts
+    me = scores.mean(0)                                                                 # [E]
+    first = expert_ids[:, 0] if cfg.top_k <= 2 else expert_ids.flatten()
+    ce = torch.bincount(first, minlength=e).float() / expert_ids.shape[0]
+    loss = (me * ce).mean() * e * e
+    return loss / cfg.top_k if cfg.top_k > 2 else loss
