@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moeserve import __version__
 from moeserve.server.async_engine import EngineDeadError, QueueFullError
@@ -35,19 +36,28 @@ class BodyLimit:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await self._reject(scope, receive, send)
-        received = 0
+        received, too_large = 0, False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
+                too_large = True
                 raise _TooLarge()
             return message
 
+        async def guarded_send(message):
+            # FastAPI turns any error raised while reading the body into its own 400; drop that
+            # response and send the 413 below instead.
+            if not too_large:
+                await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
+            await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
+            pass
+        if too_large:
             await self._reject(scope, receive, send)
 
     async def _reject(self, scope, receive, send):
@@ -102,6 +112,12 @@ def _install_auth(app: FastAPI, api_key: str) -> None:
 
 
 def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        # Unknown routes (404) and methods (405), malformed bodies: OpenAI error objects too.
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
     @app.exception_handler(APIError)
     async def api_error(_request: Request, exc: APIError):
         return _error(exc.status, exc.message, exc.param)

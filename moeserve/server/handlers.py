@@ -12,7 +12,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from moeserve.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from moeserve.server.protocol import (
-    APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    MAX_LOGPROBS, APIError, ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatResponseMessage, ChatStreamChoice, CompletionChoice, CompletionChunk, CompletionRequest,
     CompletionResponse, CompletionStreamChoice, DeltaMessage, error_body, now, random_id)
 from moeserve.server.serving import (
@@ -91,6 +91,9 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
     check_model(req.model, ctx.served)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+    if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+        raise APIError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {req.top_logprobs}",
+                       "top_logprobs")
     ids = render_chat(ctx.tokenizer, req)
     check_token_ids(ids, ctx.served)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None

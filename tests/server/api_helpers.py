@@ -145,7 +145,7 @@ def start_inproc_server(ctx, **app_kwargs) -> InProcServer:
 
 # ---------------------------------------------------------------- checks
 
-def assert_error(response: httpx.Response, status: int, *, param: str | None = None,
+def assert_error(response: httpx.Response, status: int, *, param: object = ...,
                  contains: str | None = None) -> dict:
     """The status, and exactly OpenAI's error object {"error": {"message", "type", "param", "code"}}."""
     assert response.status_code == status, response.text
@@ -158,7 +158,7 @@ def assert_error(response: httpx.Response, status: int, *, param: str | None = N
     assert isinstance(error["type"], str) and error["type"], error
     assert error["code"] == status, error
     assert error["param"] is None or isinstance(error["param"], str), error
-    if param is not None:
+    if param is not ...:
         assert error["param"] == param, error
     if contains is not None:
         assert contains in error["message"], error
