@@ -27,22 +27,22 @@ def greedy_runs(llm):
     return llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
 
 
-def _stream(llm, prompt_ids: list[int], params: SamplingParams, request_id: str):
-    """Runs one request through Engine.step; returns its final output and, per choice, the
-    concatenation of the streamed text deltas."""
+def _stream(llm, requests: dict[str, tuple[list[int], SamplingParams]]):
+    """Runs requests together through Engine.step. Returns, per request id, its final output and
+    per choice the concatenation of the streamed text deltas."""
     engine = llm.engine
-    engine.add_request(request_id, prompt_ids, params)
-    deltas = [""] * params.n
-    final = None
+    deltas = {rid: [""] * params.n for rid, (_, params) in requests.items()}
+    final = {}
+    for rid, (prompt_ids, params) in requests.items():
+        engine.add_request(rid, prompt_ids, params)
     while engine.has_unfinished_requests():
         for out in engine.step():
-            assert out.request_id == request_id
             for choice in out.outputs:
-                deltas[choice.index] += choice.delta_text
+                deltas[out.request_id][choice.index] += choice.delta_text
             if out.finished:
-                final = out
-    assert final is not None
-    return final, deltas
+                final[out.request_id] = out
+    assert final.keys() == requests.keys()
+    return {rid: (final[rid], deltas[rid]) for rid in requests}
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
@@ -53,7 +53,7 @@ def test_text_equals_decode_of_token_ids(llm, skip_special_tokens):
     params = SamplingParams(n=16, temperature=5.0, seed=1, max_tokens=32, ignore_eos=True,
                             skip_special_tokens=skip_special_tokens)
     prompt_ids = tok.encode("Hello", add_special_tokens=True)
-    out, deltas = _stream(llm, prompt_ids, params, f"text-{skip_special_tokens}")
+    out, deltas = _stream(llm, {"text": (prompt_ids, params)})["text"]
     for choice in out.outputs:
         assert choice.finish_reason is FinishReason.LENGTH
         expected = tok.decode(choice.token_ids, skip_special_tokens=skip_special_tokens,
@@ -95,30 +95,32 @@ def _pick_stop(tok, ids: list[int]) -> str | None:
 @pytest.mark.parametrize("include_stop", [False, True])
 def test_stop_string_is_trimmed_and_reported(llm, greedy_runs, include_stop):
     tok = llm.tokenizer
-    tested = 0
+    cases, requests = {}, {}
     for i, free in enumerate(greedy_runs):
         ids = free.outputs[0].token_ids
         stop = _pick_stop(tok, ids)
         if stop is None:
             continue
-        text = tok.decode(ids, skip_special_tokens=True)
-        at = text.find(stop)
         # The sequence ends on the first token whose text completes the stop string.
         m = next(m for m in range(1, len(ids) + 1) if stop in tok.decode(ids[:m], skip_special_tokens=True))
         params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, stop=[stop, "never-seen"],
                                 include_stop_str_in_output=include_stop)
-        out, deltas = _stream(llm, free.prompt_token_ids, params, f"stop-{include_stop}-{i}")
-        (choice,) = out.outputs
-        assert choice.finish_reason is FinishReason.STOP
-        assert choice.stop_reason == stop
-        assert choice.token_ids == ids[:m]
-        assert choice.text == text[: at + len(stop) if include_stop else at]
-        assert deltas[0] == choice.text        # nothing streamed that the stop later took back
-        # The token completing the stop string is also the last max_tokens allows: still a stop
-        # (as vLLM), since the text was cut there.
-        (cut,) = llm.generate([free.prompt_token_ids], replace(params, max_tokens=m))[0].outputs
-        assert (cut.finish_reason, cut.stop_reason) == (FinishReason.STOP, stop)
-        assert (cut.token_ids, cut.text) == (choice.token_ids, choice.text)
-        tested += 1
-    assert tested >= 3, "too few greedy outputs had a usable stop string"
+        cases[i] = (ids, stop, m)
+        requests[f"stop-{i}"] = (free.prompt_token_ids, params)
+        # Here the token completing the stop string is also the last one max_tokens allows: still
+        # a stop (as vLLM), since the text was cut there.
+        requests[f"cut-{i}"] = (free.prompt_token_ids, replace(params, max_tokens=m))
+    assert len(cases) >= 3, "too few greedy outputs had a usable stop string"
+    results = _stream(llm, requests)
+    for i, (ids, stop, m) in cases.items():
+        text = tok.decode(ids, skip_special_tokens=True)
+        at = text.find(stop)
+        for rid in (f"stop-{i}", f"cut-{i}"):
+            out, deltas = results[rid]
+            (choice,) = out.outputs
+            assert choice.finish_reason is FinishReason.STOP, rid
+            assert choice.stop_reason == stop, rid
+            assert choice.token_ids == ids[:m], rid
+            assert choice.text == text[: at + len(stop) if include_stop else at], rid
+            assert deltas[0] == choice.text, rid     # nothing streamed that the stop took back
     assert not llm.engine.has_unfinished_requests()
