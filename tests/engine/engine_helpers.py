@@ -36,8 +36,8 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     generate() masks every prompt token equal to pad_token_id (0 here) as padding."""
     ids = torch.tensor([prompt])
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 

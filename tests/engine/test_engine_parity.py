@@ -53,14 +53,15 @@ def test_batched_equals_alone_equals_transformers(arch, tiny_checkpoints):
     alone_llm = make_llm(model_dir, max_num_batched_tokens=2048, max_num_seqs=1)
     ref = load_hf(model_dir)
     for prompt, out in zip(prompts, batched):
+        where = f"{arch}: prompt of {len(prompt)} tokens"
         assert out.prompt_token_ids == prompt
         (choice,) = out.outputs
         assert choice.finish_reason.value == "length"
         assert len(choice.token_ids) == MAX_TOKENS
         (alone,) = alone_llm.generate([prompt], params)
-        assert choice.token_ids == alone.outputs[0].token_ids, f"{arch}: prompt of {len(prompt)} tokens"
+        assert choice.token_ids == alone.outputs[0].token_ids, where
         expected = hf_greedy(ref, prompt, MAX_TOKENS)
-        assert choice.token_ids == expected, f"{arch}: prompt of {len(prompt)} tokens vs transformers"
+        assert choice.token_ids == expected, f"{where}, vs transformers"
 
     for llm in (batched_llm, alone_llm):
         blocks = llm.engine.scheduler.blocks

@@ -24,8 +24,8 @@ SMALL_CACHE_BLOCKS = 20
 
 @pytest.fixture(scope="module")
 def engines(mixtral_dir):
-    small = make_llm(mixtral_dir, kv_cache_memory=kv_bytes_for_blocks(mixtral_dir, SMALL_CACHE_BLOCKS),
-                     max_num_batched_tokens=128)
+    small_kv = kv_bytes_for_blocks(mixtral_dir, SMALL_CACHE_BLOCKS)
+    small = make_llm(mixtral_dir, kv_cache_memory=small_kv, max_num_batched_tokens=128)
     large = make_llm(mixtral_dir, max_num_batched_tokens=128)
     assert small.engine.num_kv_blocks == SMALL_CACHE_BLOCKS
     return small, large

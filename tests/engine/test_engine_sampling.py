@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
+from tests.checkpoints import write_checkpoint
 from tests.engine.engine_helpers import TINY_VOCAB, load_hf, make_llm, random_prompts
 
 from moeserve.request import FinishReason, SamplingParams
-from tests.checkpoints import write_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
@@ -36,7 +36,8 @@ def _first_new_token(tokens: list[int], at_least: int) -> int:
 
 def test_seeded_sample_independent_of_batch_composition(mixtral_llm):
     (target,) = random_prompts([20], seed=1)
-    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=42, max_tokens=16, ignore_eos=True)
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=42, max_tokens=16,
+                            ignore_eos=True)
     (alone,) = mixtral_llm.generate([target], params)
     others = random_prompts([5, 120, 33, 1, 64, 9, 47], seed=2)
     other_params = [
@@ -52,7 +53,8 @@ def test_seeded_sample_independent_of_batch_composition(mixtral_llm):
         prompts = others[:position] + [target] + others[position:]
         params_list = other_params[:position] + [params] + other_params[position:]
         outputs = mixtral_llm.generate(prompts, params_list)
-        assert outputs[position].outputs[0].token_ids == alone.outputs[0].token_ids, f"at {position}"
+        got = outputs[position].outputs[0].token_ids
+        assert got == alone.outputs[0].token_ids, f"at {position}"
     _assert_idle(mixtral_llm)
 
 
@@ -84,7 +86,8 @@ def test_stop_token_id_ends_with_stop(mixtral_llm):
     (free,) = _tokens(mixtral_llm.generate([prompt], GREEDY))
     k = _first_new_token(free, at_least=3)
     stop_token = free[k]
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop_token_ids=[stop_token])
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                            stop_token_ids=[stop_token])
     (out,) = mixtral_llm.generate([prompt], params)
     (choice,) = out.outputs
     assert choice.token_ids == free[: k + 1]          # the stop token is the last one returned
@@ -96,8 +99,8 @@ def test_min_tokens_holds_back_a_stop_token(mixtral_llm):
     (prompt,) = random_prompts([25], seed=5)
     (free,) = _tokens(mixtral_llm.generate([prompt], GREEDY))
     k = _first_new_token(free, at_least=3)
-    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop_token_ids=[free[k]],
-                            min_tokens=k + 1)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True,
+                            stop_token_ids=[free[k]], min_tokens=k + 1)
     (choice,) = mixtral_llm.generate([prompt], params)[0].outputs
     assert choice.token_ids[:k] == free[:k]
     assert free[k] not in choice.token_ids[: k + 1]
@@ -137,7 +140,8 @@ def test_n_seeded_choices_differ(mixtral_llm):
     params = SamplingParams(n=4, temperature=1.0, seed=9, max_tokens=12, ignore_eos=True)
     (out,) = mixtral_llm.generate([prompt], params)
     assert [c.index for c in out.outputs] == [0, 1, 2, 3]
-    assert all(len(c.token_ids) == 12 and c.finish_reason is FinishReason.LENGTH for c in out.outputs)
+    for choice in out.outputs:
+        assert len(choice.token_ids) == 12 and choice.finish_reason is FinishReason.LENGTH
     assert len({tuple(c.token_ids) for c in out.outputs}) == 4
     (again,) = mixtral_llm.generate([prompt], params)
     assert _tokens([again]) == _tokens([out])
@@ -193,13 +197,14 @@ def test_logprobs_zero_and_none(mixtral_llm):
 def test_abort_mid_generation_frees_every_block(mixtral_llm):
     engine = mixtral_llm.engine
     total = engine.scheduler.blocks.num_blocks
-    long_prompt, short_prompt, forked_prompt, waiting_prompt = random_prompts([600, 30, 50, 20], seed=13)
+    long_prompt, short_prompt, forked_prompt, waiting_prompt = random_prompts([600, 30, 50, 20],
+                                                                              seed=13)
     engine.add_request("abort-long", long_prompt, SamplingParams(max_tokens=200, ignore_eos=True))
     engine.add_request("abort-keep", short_prompt, SamplingParams(temperature=0.0, max_tokens=10,
                                                                    ignore_eos=True))
-    engine.add_request("abort-n", forked_prompt, SamplingParams(n=3, temperature=1.0, max_tokens=100,
-                                                                 ignore_eos=True))
-    engine.step()                                  # the 600-token prompt is part way through prefill
+    engine.add_request("abort-n", forked_prompt,
+                       SamplingParams(n=3, temperature=1.0, max_tokens=100, ignore_eos=True))
+    engine.step()                                  # the 600-token prompt is part way in
     assert engine.scheduler.blocks.num_free_blocks < total
     engine.abort("abort-long")                     # mid-prefill
     engine.add_request("abort-waiting", waiting_prompt, SamplingParams(max_tokens=5))
@@ -256,4 +261,5 @@ def test_prompt_longer_than_configured_max_model_len(mixtral_dir):
     with pytest.raises(ValueError, match="context"):
         llm.generate(random_prompts([64], seed=17), GREEDY)
     (out,) = llm.generate(random_prompts([60], seed=17), GREEDY)
-    assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason is FinishReason.LENGTH
+    (choice,) = out.outputs
+    assert len(choice.token_ids) == 4 and choice.finish_reason is FinishReason.LENGTH

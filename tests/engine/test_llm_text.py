@@ -12,7 +12,8 @@ from tests.engine.engine_helpers import make_llm
 
 from moeserve.request import FinishReason, SamplingParams
 
-PROMPTS = ["Hello there, how are you?", "The quick brown fox", "def fibonacci(n):", "Once upon a time"]
+PROMPTS = ["Hello there, how are you?", "The quick brown fox", "def fibonacci(n):",
+           "Once upon a time"]
 REPLACEMENT = "\ufffd"
 
 
@@ -102,9 +103,10 @@ def test_stop_string_is_trimmed_and_reported(llm, greedy_runs, include_stop):
         if stop is None:
             continue
         # The sequence ends on the first token whose text completes the stop string.
-        m = next(m for m in range(1, len(ids) + 1) if stop in tok.decode(ids[:m], skip_special_tokens=True))
-        params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, stop=[stop, "never-seen"],
-                                include_stop_str_in_output=include_stop)
+        m = next(m for m in range(1, len(ids) + 1)
+                 if stop in tok.decode(ids[:m], skip_special_tokens=True))
+        params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True,
+                                stop=[stop, "never-seen"], include_stop_str_in_output=include_stop)
         cases[i] = (ids, stop, m)
         requests[f"stop-{i}"] = (free.prompt_token_ids, params)
         # Here the token completing the stop string is also the last one max_tokens allows: still

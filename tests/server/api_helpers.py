@@ -23,7 +23,7 @@ from moeserve.config import EngineConfig, ServerConfig
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "sk-moeserve-test"
 MAX_MODEL_LEN = 512
-STARTUP_TIMEOUT_S = 60.0
+STARTUP_TIMEOUT_S = float(os.environ.get("MOESERVE_TEST_STARTUP_TIMEOUT", "120"))
 COMMON_ARGS = ["--kv-cache-memory", "64MiB", "--max-model-len", str(MAX_MODEL_LEN)]
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
 
@@ -130,6 +130,7 @@ def start_inproc_server(ctx, **app_kwargs) -> InProcServer:
 
     from moeserve.server.app import create_app
     port = free_port()
+    app_kwargs.setdefault("metrics", ctx.engine.metrics)      # as `moeserve serve` builds it
     config = uvicorn.Config(create_app(ctx, **app_kwargs), host="127.0.0.1", port=port,
                             log_level="warning", lifespan="on")
     server = uvicorn.Server(config)      # not the main thread: uvicorn installs no signal handlers
