@@ -19,10 +19,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from moeserve import __version__
+from moeserve.request import FinishReason
 
 ExpertMetrics = Literal["full", "summary", "off"]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0)
+_ERROR_STATUSES = (400, 401, 404, 413, 429, 500)   # the statuses the API answers with
 
 
 class ExpertLoadCollector:
@@ -119,6 +121,12 @@ class Metrics:
         self.success = Counter("moeserve_request_success", "Finished requests by finish reason.",
                                ["finished_reason"], registry=r)
         self.errors = Counter("moeserve_request_errors", "Requests answered with an HTTP error.", ["status"], registry=r)
+        # Every known label value is exported from the start at 0: a series that first appears at 1
+        # hides that increment from rate() / increase(), so a first abort or error would never show.
+        for reason in FinishReason:
+            self.success.labels(finished_reason=reason.value)
+        for status in _ERROR_STATUSES:
+            self.errors.labels(status=str(status))
         info = Info("moeserve_model", "Model being served.", registry=r)
         cfg = engine.model_config
         info.info({"model_name": model_name, "architecture": cfg.architecture, "num_experts": str(cfg.num_experts),

@@ -12,11 +12,17 @@ Contract. Given router logits [T, E] (any float dtype; the math runs in float32)
      device score = best expert score on it).
   3. weights = the chosen experts' scores, renormalised over the K if `renormalize`.
   4. capacity_factor (None = dropless): each expert takes at most
-     C = max(min_capacity, ceil(T / E * capacity_factor * K)) routes, as DeepSpeed-MoE's
-     top1gating / top2gating / topkgating with random token selection off. K = 1 keeps the raw
-     probability; K >= 2 renormalises over the routes that survive (K = 2 places every first choice
-     before any second choice). drop_policy "position" keeps the earliest tokens, "probs" the
-     highest-scoring routes of each expert.
+     C = max(min_capacity, ceil(T / E * capacity_factor * K)) routes (computed in float32, as
+     DeepSpeed-MoE's _capacity), as DeepSpeed-MoE's top1gating / top2gating / topkgating with random
+     token selection off. A capacity limit only removes routes; weights follow `renormalize` as in
+     step 3, over the routes that survive (a token that loses every route gets weight 0 and keeps its
+     residual path). So `renormalize=False` is DeepSpeed's top1gating at K = 1 (raw probability) and
+     `renormalize=True` is top2gating / topkgating (renormalised over survivors; at K = 1 weight 1),
+     and a capacity that drops nothing changes nothing. drop_policy "position": K = 1 keeps the
+     tokens top1gating keeps (torch.topk over the 0/1 expert mask along tokens: its tie-break, NOT
+     token order); K = 2 places every first choice before any second choice, then keeps the earliest
+     (top2gating); K > 2 keeps the earliest tokens (topkgating). "probs" keeps the highest-scoring
+     routes of each expert (topkgating).
   5. weights *= routed_scaling_factor. counts are routes chosen before dropping; dropped the routes
      removed by the capacity limit; aux_loss the load-balancing loss DeepSpeed computes for that K.
 Inference is deterministic; jitter / rsample / random token selection exist for training only.
@@ -25,6 +31,7 @@ Inference is deterministic; jitter / rsample / random token selection exist for 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,9 +70,22 @@ class RoutingConfig:
                              f"and topk_group ({self.topk_group}) must be in [1, n_group]")
         if self.device_limit is not None and not 1 <= self.device_limit <= self.num_devices:
             raise ValueError(f"device_limit must be in [1, {self.num_devices}], got {self.device_limit}")
+        if self.top_k > self.topk_group * (self.num_experts // self.n_group):
+            raise ValueError(f"top_k ({self.top_k}) exceeds the experts in topk_group ({self.topk_group}) groups")
+        if self.device_limit is not None and self.num_experts % self.num_devices == 0 \
+                and self.top_k > self.device_limit * (self.num_experts // self.num_devices):
+            raise ValueError(f"top_k ({self.top_k}) exceeds the experts on device_limit ({self.device_limit}) devices")
 
     def capacity(self, num_tokens: int) -> int:
-        return max(self.min_capacity, math.ceil(num_tokens / self.num_experts * self.capacity_factor * self.top_k))
+        # float32, as DeepSpeed's _capacity: ceil(f32(T / E) * f32(capacity_factor * K)). float64 can
+        # land past an integer: T=100, E=11, factor 1.1 gives 10.000000000000002 -> 11; DeepSpeed 10.
+        scaled = _f32(_f32(num_tokens / self.num_experts) * _f32(self.capacity_factor * self.top_k))
+        return max(self.min_capacity, math.ceil(scaled))
+
+
+def _f32(x: float) -> float:
+    """x rounded to the nearest float32 (the product of two float32 values is exact in float64)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 @dataclass
@@ -103,7 +123,7 @@ def route(logits: torch.Tensor, cfg: RoutingConfig, score_bias: torch.Tensor | N
     else:
         kept = _apply_capacity(expert_ids, weights, cfg)
         weights = weights * kept
-        if cfg.top_k > 1:   # DeepSpeed renormalises k >= 2 over the surviving routes
+        if cfg.renormalize:   # over the surviving routes, clamped as DeepSpeed does (all dropped -> 0)
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).eps)
         dropped = torch.bincount(expert_ids[~kept], minlength=cfg.num_experts)
     return Routing(expert_ids, weights * cfg.routed_scaling_factor, kept, counts, dropped, aux_loss,
@@ -143,8 +163,11 @@ def _apply_capacity(expert_ids: torch.Tensor, weights: torch.Tensor, cfg: Routin
     """[T, K] bool: which routes fit in their expert's capacity (DeepSpeed-MoE semantics)."""
     t, k = expert_ids.shape
     capacity = cfg.capacity(t)
-    # Placement order. K <= 2 (top1/top2gating): every first choice in token order, then every
-    # second choice. K > 2 (topkgating): token order; a token's routes go to distinct experts.
+    if k == 1 and cfg.drop_policy == "position":
+        return _top1_survivors(expert_ids, capacity, cfg.num_experts)
+    # Placement order. K = 2 (top2gating): every first choice in token order, then every second
+    # choice. K > 2 (topkgating): token order; a token's routes go to distinct experts. ("probs"
+    # ignores the order; K = 1 comes here only for it.)
     choice_major = k <= 2
     order_ids = (expert_ids.t() if choice_major else expert_ids).reshape(-1)            # [R]
     one_hot = torch.nn.functional.one_hot(order_ids, cfg.num_experts)                   # [R, E]
@@ -158,6 +181,17 @@ def _apply_capacity(expert_ids: torch.Tensor, weights: torch.Tensor, cfg: Routin
         keep_mask = torch.zeros_like(per_expert, dtype=torch.bool).scatter_(0, top, True)
         kept = (keep_mask & one_hot.bool()).any(1)
     return kept.view(k, t).t() if choice_major else kept.view(t, k)
+
+
+def _top1_survivors(expert_ids: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
+    """[T, 1] -> [T, 1] bool, exactly as DeepSpeed's top1gating without random token selection:
+    torch.topk over the int64 0/1 mask along tokens. Ties among the 1s are broken by topk's
+    selection algorithm (on CPU neither the earliest nor the latest tokens), so this reproduces
+    DeepSpeed on the same device rather than keeping the earliest tokens."""
+    mask = torch.nn.functional.one_hot(expert_ids[:, 0], num_experts)                   # [T, E] int64
+    top = torch.topk(mask, min(capacity, mask.shape[0]), dim=0).indices                 # [C, E]
+    selected = torch.zeros_like(mask).scatter_(0, top, 1)                               # [T, E]
+    return selected.gather(1, expert_ids).bool()                                        # [T, 1]
 
 
 def _aux_loss(scores: torch.Tensor, expert_ids: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:

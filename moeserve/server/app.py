@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from contextlib import asynccontextmanager
+from typing import Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -146,14 +148,38 @@ def _install_errors(app: FastAPI) -> None:
         return _error(500, f"internal server error ({type(exc).__name__})")
 
 
+async def _unless_disconnected(raw: Request, handler: Awaitable):
+    """Runs a handler, cancelling it if the client goes away first: a non-streaming request is
+    then aborted (freeing its KV blocks) instead of generating for nobody. Streaming responses
+    return at once; sse-starlette watches for their disconnects."""
+    work = asyncio.ensure_future(handler)
+    watch = asyncio.ensure_future(_wait_for_disconnect(raw))
+    try:
+        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        work.cancel()
+        raise
+    finally:
+        watch.cancel()
+    if not work.done():
+        work.cancel()
+        return Response(status_code=499)   # nginx's "client closed request"; nobody reads it
+    return work.result()
+
+
+async def _wait_for_disconnect(raw: Request) -> None:
+    while (await raw.receive())["type"] != "http.disconnect":   # the body is already read
+        pass
+
+
 def _install_routes(app: FastAPI, ctx: ServerContext, metrics) -> None:
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await create_completion(req, ctx)
+    async def completions(req: CompletionRequest, raw: Request):
+        return await _unless_disconnected(raw, create_completion(req, ctx))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
-        return await create_chat_completion(req, ctx)
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+        return await _unless_disconnected(raw, create_chat_completion(req, ctx))
 
     @app.get("/v1/models")
     async def models():

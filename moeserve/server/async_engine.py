@@ -128,6 +128,9 @@ class AsyncEngine:
         self._send(_Add(request_id, prompt_token_ids, sampling, outputs, loop))
         try:
             first = await self.next_item(outputs)    # the engine thread's accept / reject
+        except BaseException:
+            self.abort(request_id)    # cancelled before the answer: the engine may still accept it
+            raise
         finally:
             self._pending_adds -= 1
         if isinstance(first, BaseException):

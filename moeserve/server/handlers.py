@@ -142,6 +142,7 @@ async def _sse(chunks: AsyncIterator[BaseModel], ctx: ServerContext) -> AsyncIte
 async def _completion_chunks(job: _Job, fmt: LogprobFormatter, with_logprobs: bool):
     finals: list = [None] * len(job.streams)
     sent_finish: set[tuple[int, int]] = set()
+    offsets: dict[tuple[int, int], int] = {}     # text_offset continues across chunks, as unstreamed
     async for i, out in merged(job.streams):
         for o in out.outputs:
             key = (i, o.index)
@@ -149,7 +150,9 @@ async def _completion_chunks(job: _Job, fmt: LogprobFormatter, with_logprobs: bo
                 continue
             if o.finish_reason is not None:
                 sent_finish.add(key)
-            lp = fmt.completion(o.delta_logprobs) if with_logprobs else None
+            lp = fmt.completion(o.delta_logprobs, offsets.get(key, 0)) if with_logprobs else None
+            if lp is not None and lp.tokens:
+                offsets[key] = lp.text_offset[-1] + len(lp.tokens[-1])
             yield CompletionChunk(id=job.id, created=job.created, model=job.model, choices=[
                 CompletionStreamChoice(index=i * job.n + o.index, text=o.delta_text, logprobs=lp,
                                        finish_reason=finish_reason(o))])

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 import uvicorn
+from sse_starlette.sse import AppStatus
 
 from moeserve.config import EngineConfig, ServerConfig
 from moeserve.engine.engine import Engine
@@ -35,5 +37,16 @@ def serve(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
     log.info("serving %s on http://%s:%d", ctx.served.name, server_cfg.host, server_cfg.port)
     config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level=server_cfg.log_level,
                             timeout_graceful_shutdown=server_cfg.shutdown_timeout)
+    # sse-starlette ends every open stream as soon as uvicorn sees SIGTERM; a drain must let the
+    # running requests finish (uvicorn cancels whatever is left after --shutdown-timeout).
+    AppStatus.disable_automatic_graceful_drain()
+    # Once it has shut down, uvicorn re-raises the signal it caught, which would kill the process
+    # with that signal; a finished drain is a clean exit, so that re-raised signal is ignored.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _ignore_signal)
     uvicorn.Server(config).run()
     return 1 if ctx.engine.error is not None else 0
+
+
+def _ignore_signal(_signum, _frame) -> None:
+    pass

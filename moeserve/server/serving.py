@@ -36,7 +36,8 @@ def sampling_params(req: SamplingFields, prompt_len: int, served: ServedModel, m
     limit = served.max_model_len
     if prompt_len >= limit:
         raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt "
-                            f"has {prompt_len} tokens. Please reduce the length of the prompt.", "messages")
+                            f"has {prompt_len} tokens. Please reduce the length of the prompt.",
+                       "messages" if isinstance(req, ChatCompletionRequest) else "prompt")
     if max_tokens is not None and prompt_len + max_tokens > limit:
         raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                             f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "

@@ -10,6 +10,7 @@ and turns an early close into the `http.disconnect` a real server sends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import httpx
@@ -144,63 +145,84 @@ async def _wait_for(predicate, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+def _nonzero(samples: dict, name: str, label: str) -> dict[str, float]:
+    return {k: v for k, v in label_values(samples, name, label).items() if v}
+
+
 def _successes(ctx) -> dict[str, float]:
-    return label_values(render(ctx), "moeserve_request_success_total", "finished_reason")
+    return _nonzero(render(ctx), "moeserve_request_success_total", "finished_reason")
+
+
+async def _traffic(ctx, client: httpx.AsyncClient, open_streams: contextlib.AsyncExitStack) -> None:
+    """length, stop, abort while waiting, abort mid-stream, 400, 404; checks the gauges on the way."""
+    base = {"model": ctx.served.name, "temperature": 0.0, "ignore_eos": True}
+    # 1. A normal request -> "length".
+    done = await client.post("/v1/completions", json={**base, "prompt": PROMPTS[0], "max_tokens": 5})
+    assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] == "length"
+    text = done.json()["choices"][0]["text"]
+    assert text
+
+    # 2. The same greedy request, streamed to the end, stops on the last character it wrote -> "stop".
+    async with client.stream("POST", "/v1/completions", json={
+            **base, "prompt": PROMPTS[0], "max_tokens": 20, "stream": True, "stop": [text[-1]]}) as r:
+        assert r.status_code == 200
+        events = [line async for line in r.aiter_lines() if line.startswith("data:")]
+    assert events[-1] == "data: [DONE]" and '"finish_reason":"stop"' in events[-2].replace(" ", "")
+
+    # 3. A long stream runs; a second one waits behind it (max_num_seqs=1); the client closes
+    #    the waiting one, then the running one mid-stream -> "abort" twice.
+    long = {**base, "max_tokens": 400, "stream": True}
+    running = await client.send(client.build_request("POST", "/v1/completions",
+                                                     json={**long, "prompt": PROMPTS[1]}), stream=True)
+    open_streams.push_async_callback(running.aclose)
+    assert running.status_code == 200 and (await _first_event(running)) is not None
+    waiting = await client.send(client.build_request("POST", "/v1/completions",
+                                                     json={**long, "prompt": PROMPTS[2]}), stream=True)
+    open_streams.push_async_callback(waiting.aclose)
+    assert waiting.status_code == 200
+    await _wait_for(lambda: sample_value(render(ctx), "moeserve_num_requests_waiting") == 1)
+    assert sample_value(render(ctx), "moeserve_num_requests_running") == 1
+    await waiting.aclose()
+    await _wait_for(lambda: _successes(ctx).get("abort") == 1)
+    # Counted at once on the asyncio side; the engine thread drops the request at its next turn.
+    await _wait_for(lambda: sample_value(render(ctx), "moeserve_num_requests_waiting") == 0)
+    assert sample_value(render(ctx), "moeserve_kv_cache_usage_ratio") > 0        # the running one
+    await running.aclose()
+    await _wait_for(lambda: _successes(ctx).get("abort") == 2)
+
+    # 4. Errors: a bad parameter (400) and an unknown model (404) never reach the engine.
+    bad = await client.post("/v1/completions", json={**base, "prompt": "hi", "top_p": 5})
+    assert bad.status_code == 400
+    unknown = await client.post("/v1/completions", json={**base, "model": "nope", "prompt": "hi"})
+    assert unknown.status_code == 404
+
+    await _wait_for(lambda: sample_value(render(ctx), "moeserve_kv_cache_usage_ratio") == 0)
+    await asyncio.sleep(0.2)      # nothing may be counted late, twice, or go negative meanwhile
 
 
 @pytest.mark.asyncio
 async def test_each_request_counted_once_through_disconnects_and_errors(ctx, client):
     tokenizer = ctx.tokenizer
     prompt_tokens = sum(len(tokenizer.encode(p, add_special_tokens=True)) for p in (PROMPTS[0], *PROMPTS))
-    base = {"model": ctx.served.name, "temperature": 0.0, "ignore_eos": True}
-    with GaugeWatch(ctx) as watch:
-        # 1. A normal request -> "length".
-        done = await client.post("/v1/completions", json={**base, "prompt": PROMPTS[0], "max_tokens": 5})
-        assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] == "length"
-        text = done.json()["choices"][0]["text"]
-        assert text
-
-        # 2. The same greedy request, streamed to the end, stops on the last character it wrote -> "stop".
-        async with client.stream("POST", "/v1/completions", json={
-                **base, "prompt": PROMPTS[0], "max_tokens": 20, "stream": True, "stop": [text[-1]]}) as r:
-            assert r.status_code == 200
-            events = [line async for line in r.aiter_lines() if line.startswith("data:")]
-        assert events[-1] == "data: [DONE]" and '"finish_reason":"stop"' in events[-2].replace(" ", "")
-
-        # 3. A long stream runs; a second one waits behind it (max_num_seqs=1); the client closes
-        #    the waiting one, then the running one mid-stream -> "abort" twice.
-        long = {**base, "max_tokens": 400, "stream": True}
-        running = await client.send(client.build_request("POST", "/v1/completions",
-                                                         json={**long, "prompt": PROMPTS[1]}), stream=True)
-        assert running.status_code == 200 and (await _first_event(running)) is not None
-        waiting = await client.send(client.build_request("POST", "/v1/completions",
-                                                         json={**long, "prompt": PROMPTS[2]}), stream=True)
-        assert waiting.status_code == 200
-        await _wait_for(lambda: sample_value(render(ctx), "moeserve_num_requests_waiting") == 1)
-        assert sample_value(render(ctx), "moeserve_num_requests_running") == 1
-        await waiting.aclose()
-        await _wait_for(lambda: _successes(ctx).get("abort") == 1)
-        assert sample_value(render(ctx), "moeserve_num_requests_waiting") == 0
-        assert sample_value(render(ctx), "moeserve_kv_cache_usage_ratio") > 0        # the running one
-        await running.aclose()
-        await _wait_for(lambda: _successes(ctx).get("abort") == 2)
-
-        # 4. Errors: a bad parameter (400) and an unknown model (404) reach no engine.
-        bad = await client.post("/v1/completions", json={**base, "prompt": "hi", "top_p": 5})
-        assert bad.status_code == 400
-        unknown = await client.post("/v1/completions", json={**base, "model": "nope", "prompt": "hi"})
-        assert unknown.status_code == 404
-
-        await _wait_for(lambda: sample_value(render(ctx), "moeserve_kv_cache_usage_ratio") == 0)
-        await asyncio.sleep(0.2)      # nothing may be counted late, twice, or go negative meanwhile
+    # Before any request, every finish reason and error status is exported at 0 (a series born
+    # at 1 would hide its first increment from rate()).
+    before = render(ctx)
+    assert label_values(before, "moeserve_request_success_total", "finished_reason") == {
+        "stop": 0, "length": 0, "abort": 0, "error": 0}
+    assert {"400", "404", "429", "500"} <= set(label_values(before, "moeserve_request_errors_total", "status"))
+    # On a failure, streams still open are closed while the test's event loop still runs.
+    async with contextlib.AsyncExitStack() as open_streams:
+        with GaugeWatch(ctx) as watch:
+            await _traffic(ctx, client, open_streams)
 
     samples = render(ctx)
-    assert label_values(samples, "moeserve_request_success_total", "finished_reason") == {
+    assert _nonzero(samples, "moeserve_request_success_total", "finished_reason") == {
         "length": 1, "stop": 1, "abort": 2}
-    assert label_values(samples, "moeserve_request_errors_total", "status") == {"400": 1, "404": 1}
+    assert _nonzero(samples, "moeserve_request_errors_total", "status") == {"400": 1, "404": 1}
     assert sample_value(samples, "moeserve_prompt_tokens_total") == prompt_tokens
     assert sample_value(samples, "moeserve_generation_tokens_total") >= 5 + 1 + 1
     assert sample_value(samples, "moeserve_time_to_first_token_seconds_count") == 3   # the waiting one had none
+    assert sample_value(samples, "moeserve_e2e_request_latency_seconds_count") == 3
     for name in GaugeWatch.NAMES:
         assert min(watch.seen[name]) >= 0, name
         assert sample_value(samples, name) == 0, name

@@ -69,15 +69,18 @@ class LiveServer:
                 time.sleep(0.2)
         return self
 
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, then SIGKILL after timeout; returns the exit code."""
+    def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then SIGKILL after timeout; returns the exit code."""
+        self.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         return self.proc.returncode
 
 

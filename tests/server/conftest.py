@@ -86,6 +86,8 @@ def server_pool(request, tmp_path_factory) -> Iterator[Callable[[str], LiveServe
     for name in sorted(wanted):
         get(name)
     yield get
+    for server in pool.values():     # all at once: each takes a second or two to exit
+        server.terminate()
     for server in pool.values():
         server.stop()
 

@@ -80,17 +80,20 @@ def test_token_ids_outside_vocabulary(http, prompt):
     assert_error(http.post(COMPLETIONS, json={"prompt": prompt}), 400, param="prompt", contains="vocabulary")
 
 
-@pytest.mark.parametrize("path,body", [
-    (COMPLETIONS, {"prompt": "hello there", "max_tokens": 600}),
-    (COMPLETIONS, {"prompt": [7] * 600, "max_tokens": 1}),
-    (COMPLETIONS, {"prompt": [7] * 512, "max_tokens": 1}),
-    (COMPLETIONS, {"prompt": [7] * 500, "max_tokens": 13}),
-    (CHAT_PATH, {"messages": CHAT, "max_tokens": 1000}),
-    (CHAT_PATH, {"messages": CHAT, "max_completion_tokens": 1000}),
-    (CHAT_PATH, {"messages": [{"role": "user", "content": "word " * 600}]}),
+@pytest.mark.parametrize("path,body,param", [
+    (COMPLETIONS, {"prompt": "hello there", "max_tokens": 600}, "max_tokens"),
+    (COMPLETIONS, {"prompt": [7] * 600, "max_tokens": 1}, "prompt"),
+    (COMPLETIONS, {"prompt": [7] * 512, "max_tokens": 1}, "prompt"),
+    (COMPLETIONS, {"prompt": [7] * 500, "max_tokens": 13}, "max_tokens"),
+    (COMPLETIONS, {"prompt": [[7] * 5, [7] * 510], "max_tokens": 5}, "max_tokens"),
+    (CHAT_PATH, {"messages": CHAT, "max_tokens": 1000}, "max_tokens"),
+    (CHAT_PATH, {"messages": CHAT, "max_completion_tokens": 1000}, None),
+    (CHAT_PATH, {"messages": [{"role": "user", "content": "word " * 600}]}, "messages"),
 ])
-def test_over_context_length(http, path, body):
-    assert_error(http.post(path, json=body), 400, contains="512")
+def test_over_context_length(http, path, body, param):
+    error = assert_error(http.post(path, json=body), 400, contains="512")
+    if param is not None:
+        assert error["param"] == param
 
 
 def test_exactly_at_context_length_is_served(http):

@@ -4,6 +4,7 @@ streams, and /health 503 -- never a traceback or a hang."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -12,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from moeserve.request import SamplingParams
 from moeserve.server.app import create_app
 from tests.server.api_helpers import (
     CHAT, all_blocks_free, assert_error, blocks_of, build_inproc_context, sse_chunks, sse_data,
@@ -131,6 +133,23 @@ def test_disconnect_while_waiting_for_a_whole_response_frees_kv_blocks(inproc):
             http.post(inproc.url + "/v1/completions", json={"prompt": "Once upon a time", **LONG})
     wait_blocks_free(inproc.ctx, timeout=1.5)
     _next_request_is_prompt(inproc)
+
+
+@pytest.mark.asyncio
+async def test_request_cancelled_while_being_added_is_aborted(inproc):
+    """Cancelled after the add was sent but before the engine answered: the engine must not keep it."""
+    bridge = inproc.ctx.engine
+    sampling = SamplingParams(max_tokens=400, ignore_eos=True)
+    task = asyncio.create_task(bridge.add_request("cancelled-add", [5, 6, 7], sampling))
+    await asyncio.sleep(0)            # the add is on its way to the engine thread
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 1.0
+    while bridge.engine.has_unfinished_requests() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert not bridge.engine.has_unfinished_requests()
+    wait_blocks_free(inproc.ctx)
 
 
 def _next_request_is_prompt(inproc) -> None:

@@ -253,10 +253,14 @@ def test_stream_n_interleaves_by_index(client, model, endpoint):
 
 
 def test_stream_logprobs(client, model):
-    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=4, logprobs=2, stream=True,
+    whole = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, logprobs=2, **GREEDY)
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=6, logprobs=2, stream=True,
                                             **GREEDY))
-    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
-    assert len(tokens) == 4
+    parts = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    expected = whole.choices[0].logprobs
+    assert [t for p in parts for t in p.tokens] == expected.tokens
+    assert [o for p in parts for o in p.text_offset] == expected.text_offset    # offsets run on across chunks
+    assert [lp for p in parts for lp in p.token_logprobs] == pytest.approx(expected.token_logprobs, abs=1e-4)
     chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=4, logprobs=True,
                                                  top_logprobs=2, stream=True, **GREEDY))
     content = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
