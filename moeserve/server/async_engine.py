@@ -184,10 +184,11 @@ class AsyncEngine:
         try:
             self.engine.add_request(add.request_id, add.prompt_token_ids, add.sampling)
         except ValueError as exc:
-            add.loop.call_soon_threadsafe(add.outputs.put_nowait, exc)
+            _post(add, exc)
             return
         self._streams[add.request_id] = add
-        add.loop.call_soon_threadsafe(add.outputs.put_nowait, None)
+        if not _post(add, None):
+            self._drop(add.request_id)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -196,11 +197,17 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            add.loop.call_soon_threadsafe(add.outputs.put_nowait, out)
+            if not _post(add, out):
+                self._drop(out.request_id)
+
+    def _drop(self, request_id: str) -> None:
+        """The request's event loop is gone: nobody can read it, so free it."""
+        self._streams.pop(request_id, None)
+        self.engine.abort(request_id)
 
     def _fail_all(self, error: BaseException) -> None:
         for add in list(self._streams.values()):
-            add.loop.call_soon_threadsafe(add.outputs.put_nowait, error)
+            _post(add, error)
         self._streams.clear()
         while True:   # requests that arrive after the failure get the error too
             try:
@@ -208,4 +215,13 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if isinstance(command, _Add):
-                command.loop.call_soon_threadsafe(command.outputs.put_nowait, error)
+                _post(command, error)
+
+
+def _post(add: _Add, item: object) -> bool:
+    """Hands an item to the request's asyncio queue; False when its event loop has closed."""
+    try:
+        add.loop.call_soon_threadsafe(add.outputs.put_nowait, item)
+        return True
+    except RuntimeError:
+        return False
