@@ -6,18 +6,24 @@
 Legend: T tokens, E experts, K top-k, H hidden, I expert intermediate, C expert capacity.
 
 Three implementations of one layer, all holding the same weights:
-  moeserve  moeserve.layers.moe.MoELayer (sort routes by expert, F.grouped_mm).
+  moeserve  moeserve.layers.moe.MoELayer, dropless routing (sort routes by expert, F.grouped_mm).
   HF        transformers' MixtralSparseMoeBlock as a standalone module (config
             `_experts_implementation` "eager": a Python loop over the experts that were hit).
             `HF-gmm` is the same block with "grouped_mm", the implementation that
             `from_pretrained` picks by default in transformers v5.
   dense     GShard / DeepSpeed-MoE one-hot dispatch and combine: [T, E, C] tensors and
             einsums, capacity C = ceil(T * K / E * capacity_factor); routes past an expert's
-            capacity are dropped (first choices placed before second choices, as in GShard top-2).
+            capacity are dropped (first choices placed before second choices, as in GShard top-2;
+            no min_capacity floor).
 
 Outputs are checked against moeserve's before timing: HF must match on every token; dense must
 match exactly with a capacity that drops nothing, and at the timed capacity on every token that
-lost no route. Timing: warmup, then repeats until a per-case budget is spent, median reported.
+lost no route. Timing: a warmup round, then rounds that call every implementation in turn (so
+load from other processes falls on all of them alike) until the per-case budget is spent; the
+median is reported, the minimum kept in the JSON. Wall clock by default; on a shared machine
+`--threads 1 --clock cpu` (process CPU time) gives numbers that other processes barely move.
+Without bf16 instructions (AVX2 only) bf16 GEMMs are emulated and slow: bf16 cases above
+--max-bf16-tokens are skipped, and the bf16 F.linear rate is printed at start.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.layers.moe import MoELayer, MoEShape, RoutingConfig
+from moeserve.layers.moe import MoELayer, MoEShape
+from moeserve.layers.routing import RoutingConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # allclose tolerances, relative to the reference output's max |value| for atol.
@@ -67,11 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", default=None, help="write results to this file")
     args = p.parse_args(argv)
-    args.tokens = [int(t) for t in args.tokens.split(",") if t]
-    bad = [d for d in args.dtypes.split(",") if d not in DTYPES]
-    if bad or not args.tokens or min(args.tokens) < 1:
-        p.error(f"--dtypes must be from {sorted(DTYPES)} and --tokens positive ints (bad: {bad})")
-    args.dtypes = args.dtypes.split(",")
+    tokens = [t for t in args.tokens.split(",") if t]
+    if not tokens or not all(t.isdigit() and int(t) > 0 for t in tokens):
+        p.error(f"--tokens must be comma-separated positive ints, got {args.tokens!r}")
+    args.tokens = [int(t) for t in tokens]
+    args.dtypes = [d for d in args.dtypes.split(",") if d]
+    bad = [d for d in args.dtypes if d not in DTYPES]
+    if bad or not args.dtypes:
+        p.error(f"--dtypes must be from {sorted(DTYPES)}, got {bad or 'nothing'}")
     return args
 
 
@@ -81,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_moeserve(args: argparse.Namespace, dtype: torch.dtype) -> MoELayer:
     shape = MoEShape(hidden=args.hidden, intermediate=args.intermediate,
-                     routing=RoutingConfig(num_experts=args.experts, top_k=args.top_k))
+                     routing=RoutingConfig(num_experts=args.experts, top_k=args.top_k,
+                                           capacity_factor=None))   # dropless, as Mixtral
     layer = MoELayer(shape)
     g = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():

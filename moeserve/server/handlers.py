@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -131,11 +132,16 @@ async def _sse(chunks: AsyncIterator[BaseModel], ctx: ServerContext) -> AsyncIte
     try:
         async for chunk in chunks:
             yield _dump(chunk)
-    except (EngineDeadError, APIError) as exc:
-        status = exc.status if isinstance(exc, APIError) else 500
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure still ends the stream properly
+        status, message = (exc.status, exc.message) if isinstance(exc, APIError) else (500, str(exc))
+        if not isinstance(exc, (APIError, EngineDeadError)):
+            log.exception("stream failed")
+            message = f"internal server error ({type(exc).__name__})"
         if ctx.engine.metrics is not None:
             ctx.engine.metrics.errors.labels(status=str(status)).inc()
-        yield json.dumps(error_body(status, str(exc)))
+        yield json.dumps(error_body(status, message))
     yield "[DONE]"
 
 

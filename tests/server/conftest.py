@@ -20,7 +20,7 @@ _REPO = str(Path(__file__).resolve().parents[2])
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-from tests.server.api_helpers import API_KEY, InProcServer, LiveServer, build_inproc_context, start_inproc_server  # noqa: E402
+from tests.server.api_helpers import API_KEY, LiveServer  # noqa: E402
 
 # fixture name -> extra `moeserve serve` flags
 SERVER_FLAGS: dict[str, list[str]] = {
@@ -110,11 +110,3 @@ def queue_server(server_pool) -> LiveServer:
 @pytest.fixture(scope="session")
 def drain_server(server_pool) -> LiveServer:
     return server_pool("drain_server").ready()
-
-
-@pytest.fixture(scope="module")
-def inproc_server(builtin_dir) -> Iterator[InProcServer]:
-    """The app under uvicorn in this process, with its own engine (shared by one module's tests)."""
-    server = start_inproc_server(build_inproc_context(builtin_dir))
-    yield server
-    server.stop()

@@ -145,6 +145,9 @@ async def test_request_cancelled_while_being_added_is_aborted(inproc):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    # Commands reach the engine in order: once this one is served, the add and its abort were seen.
+    async for _ in await bridge.add_request("after-cancel", [5, 6, 7], SamplingParams(max_tokens=2)):
+        pass
     deadline = time.monotonic() + 1.0
     while bridge.engine.has_unfinished_requests() and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
