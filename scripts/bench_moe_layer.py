@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-repeats", type=int, default=3)
     p.add_argument("--max-repeats", type=int, default=50)
     p.add_argument("--warmup", type=int, default=1, help="untimed calls after the checking call")
+    p.add_argument("--flush-mb", type=int, default=64,
+                   help="read this many MB before every timed call so expert weights come from DRAM, "
+                        "as in a whole model whose layers do not fit in cache (0: keep caches warm)")
     p.add_argument("--no-hf-grouped", action="store_true", help="skip the HF grouped_mm column")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", default=None, help="write results to this file")
@@ -197,10 +200,15 @@ def time_interleaved(fns: dict[str, Callable[[], object]], args: argparse.Namesp
         for fn in fns.values():
             fn()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    # At T = 1 one call touches 2 experts (25 MB in bf16): without this they would stay in a
+    # 32 MB L3 between calls, which no multi-layer model enjoys.
+    flush = torch.ones(args.flush_mb * 2 ** 18) if args.flush_mb else None   # float32: 4 B each
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     for rnd in range(args.max_repeats):
         for name, fn in fns.items():
+            if flush is not None:
+                flush.sum()
             t0 = clock()
             fn()
             times[name].append(clock() - t0)
@@ -315,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     print(f"torch {torch.__version__}, cpu capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} "
-          f"(timings are wall clock: other processes on these cores inflate them)")
+          f"threads {torch.get_num_threads()}, {args.clock} clock, load average {os.getloadavg()[0]:.2f}"
+          + (" (other processes on these cores inflate wall-clock timings)" if args.clock == "wall" else ""))
     fp32_gflops = matmul_gflops(torch.float32, 1024, linear=True)
     bf16_gflops = matmul_gflops(torch.bfloat16, 256, linear=True)
     bf16_ab_gflops = matmul_gflops(torch.bfloat16, 256, linear=False)

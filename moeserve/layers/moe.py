@@ -3,10 +3,11 @@
 Legend: T tokens, E experts (E_local on this rank), K top-k, H hidden, I expert intermediate,
 R = T*K routes.
 
-Dispatch sorts the R routes by expert so each expert works on one contiguous slice, then runs
-every expert in one grouped matmul (F.grouped_mm; measured on this CPU: as fast as or faster
-than a per-expert loop of F.linear at every T, and it needs no host sync for the slice bounds).
-Per-expert counts are returned beside the output as a device tensor: no .item(), no sync.
+Dispatch sorts the R routes by expert so each expert works on one contiguous slice. On GPU every
+expert runs in one grouped matmul (F.grouped_mm: the slice bounds stay on the device, no sync).
+On CPU the group sizes are already in host memory, and a loop of oneDNN linears, one per expert
+with routes, measured 1.4-2.2x faster than grouped_mm / F.linear for the 1-256 rows an expert
+gets in serving steps (scripts/bench_moe_layer.py). Per-expert counts ride along in the Routing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moeserve.layers.linear import Linear, linear
 
 from moeserve.layers.routing import Routing, RoutingConfig, route
 
@@ -50,18 +53,37 @@ class Experts(nn.Module):
         order = local_ids.argsort(stable=True)                                    # [R] grouped by expert
         token_of_route = order // k                                               # [R]
         group_sizes = torch.bincount(local_ids, minlength=self.num_local + 1)     # [E_local + 1]
-        offsets = group_sizes[: self.num_local].cumsum(0).to(torch.int32)         # [E_local]
         x_sorted = x[token_of_route]                                              # [R, H]
-        gate_up = F.grouped_mm(x_sorted, self.w13.transpose(-2, -1), offs=offsets)  # [R, 2I]
-        gate, up = gate_up.chunk(2, dim=-1)
-        hidden = F.silu(gate) * up                                                # [R, I]
-        out_sorted = F.grouped_mm(hidden, self.w2.transpose(-2, -1), offs=offsets)  # [R, H]
+        if x.device.type == "cpu":
+            out_sorted = self._per_expert(x_sorted, group_sizes.tolist())         # host memory: no sync
+        else:
+            out_sorted = self._grouped(x_sorted, group_sizes)
         weighted = out_sorted * routing.weights.flatten()[order, None].to(out_sorted.dtype)  # [R, H]
         if skip_some:
-            # Rows past offsets[-1] (other ranks' routes) are left uninitialised by grouped_mm.
+            # Rows past the last local group (other ranks' or dropped routes) are not computed.
             weighted = torch.where(is_local[order, None], weighted, 0.0)
         out = torch.zeros_like(x)
         out.index_add_(0, token_of_route, weighted)
+        return out
+
+
+    def _grouped(self, x_sorted: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+        """All experts in two grouped matmuls; slice bounds stay on the device (GPU path)."""
+        offsets = group_sizes[: self.num_local].cumsum(0).to(torch.int32)         # [E_local]
+        gate_up = F.grouped_mm(x_sorted, self.w13.transpose(-2, -1), offs=offsets)  # [R, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, self.w2.transpose(-2, -1), offs=offsets)  # [R, H]
+
+    def _per_expert(self, x_sorted: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """CPU: one oneDNN linear per expert with routes (its small-row kernel beats grouped_mm 1.4-2x)."""
+        out = torch.empty_like(x_sorted)                                          # [R, H]
+        start = 0
+        for e, n in enumerate(sizes[: self.num_local]):
+            if n:
+                gate, up = linear(x_sorted[start:start + n], self.w13[e]).chunk(2, dim=-1)  # [n, I] x2
+                out[start:start + n] = linear(F.silu(gate).mul_(up), self.w2[e])           # [n, H]
+                start += n
+        out[start:].zero_()           # routes of other ranks' or dropped experts
         return out
 
 
@@ -70,8 +92,8 @@ class DenseMLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up = Linear(hidden, 2 * intermediate, bias=False)
+        self.down = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -93,15 +115,15 @@ class MoELayer(nn.Module):
     def __init__(self, shape: MoEShape) -> None:
         super().__init__()
         self.routing_cfg = shape.routing   # replaced by set_capacity() for the serving knobs
-        self.router = nn.Linear(shape.hidden, shape.routing.num_experts, bias=False)
+        self.router = Linear(shape.hidden, shape.routing.num_experts, bias=False)
         self.experts = Experts(shape.routing.num_experts, shape.hidden, shape.intermediate,
                                shape.first_expert, shape.num_local)
         self.shared = DenseMLP(shape.hidden, shape.shared_intermediate) if shape.shared_intermediate else None
-        self.shared_gate = nn.Linear(shape.hidden, 1, bias=False) if shape.shared_gated else None
+        self.shared_gate = Linear(shape.hidden, 1, bias=False) if shape.shared_gated else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         # x [T, H] -> (out [T, H], routing: counts [E] and dropped [E] ride along)
-        routing = route(self.router(x), self.routing_cfg)
+        routing = route(self.router(x), self.routing_cfg, with_aux_loss=False)
         out = self.experts(x, routing)
         if self.shared is not None:
             shared = self.shared(x)                                   # [T, H]

@@ -100,7 +100,8 @@ class Routing:
 
 
 def route(logits: torch.Tensor, cfg: RoutingConfig, score_bias: torch.Tensor | None = None,
-          training: bool = False, generator: torch.Generator | None = None) -> Routing:
+          training: bool = False, generator: torch.Generator | None = None,
+          with_aux_loss: bool = True) -> Routing:
     """logits [T, E] -> Routing; see the module docstring for the contract."""
     logits = logits.float()
     if training and cfg.noisy_gate == "jitter":
@@ -114,7 +115,8 @@ def route(logits: torch.Tensor, cfg: RoutingConfig, score_bias: torch.Tensor | N
     expert_ids = torch.topk(choice, cfg.top_k, dim=-1).indices                         # [T, K]
     weights = scores.gather(1, expert_ids)                                              # [T, K]
     counts = torch.bincount(expert_ids.flatten(), minlength=cfg.num_experts)            # [E]
-    aux_loss = _aux_loss(scores, expert_ids, cfg)
+    # The loss is for training; serving skips its ~20 small ops per layer and step.
+    aux_loss = _aux_loss(scores, expert_ids, cfg) if with_aux_loss or training else scores.new_zeros(())
     if cfg.capacity_factor is None:
         if cfg.renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)

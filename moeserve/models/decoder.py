@@ -14,6 +14,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from moeserve.layers.linear import Linear
+
 from moeserve.layers.attention import Attention, AttentionMetadata
 from moeserve.layers.moe import DenseMLP, MoELayer, MoEShape
 from moeserve.layers.routing import RoutingConfig
@@ -61,7 +63,7 @@ class MoEDecoder(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, rotary, moe_shape if cfg.moe_layers[i] else None) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         # Running totals of routes per (MoE layer, expert), kept on the device and read by metrics
