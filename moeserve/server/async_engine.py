@@ -142,6 +142,8 @@ class AsyncEngine:
 
     async def next_item(self, outputs: asyncio.Queue):
         """The next item for a request; never waits forever on an engine that has died."""
+        if not outputs.empty():           # fast path: no timer, no task
+            return outputs.get_nowait()
         while True:
             try:
                 return await asyncio.wait_for(outputs.get(), timeout=1.0)
@@ -191,14 +193,21 @@ class AsyncEngine:
             self._drop(add.request_id)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """One wake-up of each event loop per step, however many of its requests advanced."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
             add = self._streams.get(out.request_id)
             if add is None:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
-            if not _post(add, out):
-                self._drop(out.request_id)
+            by_loop.setdefault(add.loop, []).append((add.outputs, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:      # that loop has closed: nobody can read these requests
+                for _queue, out in items:
+                    self._drop(out.request_id)
 
     def _drop(self, request_id: str) -> None:
         """The request's event loop is gone: nobody can read it, so free it."""
@@ -216,6 +225,11 @@ class AsyncEngine:
                 return
             if isinstance(command, _Add):
                 _post(command, error)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue_, out in items:
+        queue_.put_nowait(out)
 
 
 def _post(add: _Add, item: object) -> bool:
