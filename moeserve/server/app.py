@@ -72,10 +72,13 @@ class _TooLarge(Exception):
 
 
 def create_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: int = 16 << 20,
-               metrics=None) -> FastAPI:
+               metrics=None, start_engine: bool = True) -> FastAPI:
+    """start_engine: the app's lifespan runs the engine loop in a thread; False when the caller
+    runs it (moeserve serve runs it in the main thread)."""
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        ctx.engine.start()
+        if start_engine:
+            ctx.engine.start()
         yield
         ctx.engine.stop()
 

@@ -100,19 +100,32 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._streams: dict[str, _Add] = {}          # engine thread only
         self._pending_adds = 0
-        self._thread = threading.Thread(target=self._run, name="moeserve-engine", daemon=True)
+        self._done = threading.Event()             # set once the loop has ended
+        self._thread: threading.Thread | None = None
 
     @property
     def is_alive(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        return self.error is None and not self._done.is_set()
 
     def start(self) -> None:
+        """Runs the engine loop in a new thread (in-process servers and tests)."""
+        self._thread = threading.Thread(target=self.run_loop, name="moeserve-engine", daemon=True)
         self._thread.start()
+
+    def run_loop(self) -> None:
+        """Runs the engine loop in the calling thread until stop(). `moeserve serve` runs it in the
+        main thread: measured there, decode steps were up to ~30% faster than in a secondary
+        thread on the 2-core CPU machine (OpenMP / oneDNN work from a non-main thread)."""
+        try:
+            self._run()
+        finally:
+            self._done.set()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int],
                           sampling: SamplingParams) -> RequestStream:

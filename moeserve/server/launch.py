@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 
 import uvicorn
 from sse_starlette.sse import AppStatus
@@ -33,20 +34,35 @@ def serve(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
     logging.basicConfig(level=server_cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx = build_context(engine_cfg, server_cfg)
     app = create_app(ctx, api_key=server_cfg.api_key, max_body_bytes=server_cfg.max_body_bytes,
-                     metrics=ctx.engine.metrics)
+                     metrics=ctx.engine.metrics, start_engine=False)
     log.info("serving %s on http://%s:%d", ctx.served.name, server_cfg.host, server_cfg.port)
     config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level=server_cfg.log_level,
                             timeout_graceful_shutdown=server_cfg.shutdown_timeout)
     # sse-starlette ends every open stream as soon as uvicorn sees SIGTERM; a drain must let the
     # running requests finish (uvicorn cancels whatever is left after --shutdown-timeout).
     AppStatus.disable_automatic_graceful_drain()
-    # Once it has shut down, uvicorn re-raises the signal it caught, which would kill the process
-    # with that signal; a finished drain is a clean exit, so that re-raised signal is ignored.
+    server = uvicorn.Server(config)
+    # HTTP runs in a thread and the engine loop in the main thread (see AsyncEngine.run_loop).
+    # Signals reach the main thread only: they ask uvicorn to drain (a second SIGINT forces it).
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _ignore_signal)
-    uvicorn.Server(config).run()
-    return 1 if ctx.engine.error is not None else 0
+        signal.signal(sig, lambda signum, _frame: _request_exit(server, signum))
+    http = threading.Thread(target=_run_http, args=(server, ctx), name="moeserve-http")
+    http.start()
+    ctx.engine.run_loop()          # returns once the HTTP thread has shut down (or the engine failed)
+    if ctx.engine.error is not None:
+        server.should_exit = True  # the engine died: stop serving, exit non-zero
+    http.join()
+    return 1 if ctx.engine.error is not None or not server.started else 0
 
 
-def _ignore_signal(_signum, _frame) -> None:
-    pass
+def _request_exit(server: uvicorn.Server, signum: int) -> None:
+    if server.should_exit and signum == signal.SIGINT:
+        server.force_exit = True
+    server.should_exit = True
+
+
+def _run_http(server: uvicorn.Server, ctx: ServerContext) -> None:
+    try:
+        server.run()
+    finally:
+        ctx.engine.stop(timeout=0)  # ends the engine loop in the main thread
