@@ -1,7 +1,10 @@
 """Prometheus metrics. The only module that imports prometheus_client.
 
 Engine-side values (expert loads, queue lengths, KV usage, preemptions) are read by a collector
-at scrape time; nothing on the per-token path touches Prometheus. Request latencies are observed
+at scrape time; nothing on the per-token path touches Prometheus. The collector runs no torch op:
+expert totals come from the host copy the engine publishes (Engine.expert_totals_host), because
+torch work in the HTTP thread measurably slowed the engine's steps (bench_http.py).
+Request latencies are observed
 on the asyncio side: TTFT once per request, inter-token latencies in one batch when it ends.
 Names follow vLLM's (with the moeserve_ prefix) so existing dashboards translate.
 """
@@ -13,7 +16,6 @@ import time
 from collections import deque
 from typing import Literal
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -32,7 +34,7 @@ class ExpertLoadCollector:
 
     def __init__(self, engine, mode: ExpertMetrics, window_s: float = 60.0) -> None:
         self.engine, self.mode, self.window_s = engine, mode, window_s
-        self._history: deque[tuple[float, torch.Tensor]] = deque()
+        self._history: deque[tuple[float, list[list[int]]]] = deque()
         self._lock = threading.Lock()
 
     def collect(self):
@@ -44,47 +46,48 @@ class ExpertLoadCollector:
         yield _counter("moeserve_num_preemptions", "Sequences preempted (recomputed later).", sched.num_preemptions)
         if self.mode == "off" or engine.model_config.num_moe_layers == 0:
             return
-        tokens = engine.model.expert_tokens.to("cpu", copy=True)      # [L, E]; one copy per scrape
-        dropped = engine.model.expert_dropped.to("cpu", copy=True)
+        totals = engine.expert_totals_host()          # [L][2][E] Python ints, published by the engine
+        tokens = [row[0] for row in totals]
+        dropped = [row[1] for row in totals]
         yield from self._expert_families(tokens, dropped)
         yield self._balancedness(tokens)
         yield self._rank_tokens(tokens)
 
-    def _expert_families(self, tokens: torch.Tensor, dropped: torch.Tensor):
+    def _expert_families(self, tokens: list[list[int]], dropped: list[list[int]]):
         for name, doc, values in (
                 ("moeserve_expert_tokens", "Tokens routed to each expert (before any capacity drop).", tokens),
                 ("moeserve_expert_dropped_tokens", "Routes dropped by a capacity limit.", dropped)):
             family = CounterMetricFamily(name, doc, labels=["layer", "expert"])
             if self.mode == "full":
-                for layer, row in zip(self._layer_ids(), values.tolist()):
+                for layer, row in zip(self._layer_ids(), values):
                     for expert, count in enumerate(row):
                         family.add_metric([str(layer), str(expert)], count)
             else:   # summary: per expert, summed over layers
-                for expert, count in enumerate(values.sum(0).tolist()):
+                for expert, count in enumerate(_column_sums(values)):
                     family.add_metric(["all", str(expert)], count)
             yield family
 
-    def _balancedness(self, tokens: torch.Tensor) -> GaugeMetricFamily:
+    def _balancedness(self, tokens: list[list[int]]) -> GaugeMetricFamily:
         """mean / max expert load per layer over the last window_s seconds (1.0 = perfectly even)."""
         now = time.monotonic()
         with self._lock:
             self._history.append((now, tokens))
             while len(self._history) > 1 and now - self._history[1][0] >= self.window_s:
                 self._history.popleft()
-            base = self._history[0][1] if len(self._history) > 1 else torch.zeros_like(tokens)
-        window = (tokens - base).double()                                  # [L, E]
+            base = self._history[0][1] if len(self._history) > 1 else [[0] * len(r) for r in tokens]
         family = GaugeMetricFamily("moeserve_layer_expert_balancedness",
                                    "Mean / max expert load per MoE layer over a sliding window.", labels=["layer"])
-        peak = window.max(dim=1).values
-        for layer, mean, top in zip(self._layer_ids(), window.mean(dim=1).tolist(), peak.tolist()):
+        for layer, now_row, base_row in zip(self._layer_ids(), tokens, base):
+            window = [a - b for a, b in zip(now_row, base_row)]
+            top = max(window)
             if top > 0:
-                family.add_metric([str(layer)], mean / top)
+                family.add_metric([str(layer)], sum(window) / len(window) / top)
         return family
 
-    def _rank_tokens(self, tokens: torch.Tensor) -> CounterMetricFamily:
+    def _rank_tokens(self, tokens: list[list[int]]) -> CounterMetricFamily:
         family = CounterMetricFamily("moeserve_rank_expert_tokens", "Tokens processed by each expert-parallel rank's experts.",
                                      labels=["rank"])
-        per_expert = tokens.sum(0).tolist()
+        per_expert = _column_sums(tokens)
         for rank, experts in enumerate(self.engine.expert_placement()):
             family.add_metric([str(rank)], sum(per_expert[e] for e in experts))
         return family
@@ -92,6 +95,10 @@ class ExpertLoadCollector:
     def _layer_ids(self) -> list[int]:
         """Model layer index of each MoE row (dense layers have no row)."""
         return [i for i, is_moe in enumerate(self.engine.model_config.moe_layers) if is_moe]
+
+
+def _column_sums(rows: list[list[int]]) -> list[int]:
+    return [sum(column) for column in zip(*rows)]
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

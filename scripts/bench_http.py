@@ -143,9 +143,11 @@ def main() -> None:
 
 def metrics_overhead(args, concurrency: int) -> None:
     full, off = [], []
-    for _ in range(args.expert_metrics_pairs):
-        full.append(http_run(args, concurrency, ["--expert-metrics", "full"], True)["output_token_throughput"])
-        off.append(http_run(args, concurrency, ["--expert-metrics", "off"], True)["output_token_throughput"])
+    for pair in range(args.expert_metrics_pairs):
+        # alternate which mode goes first: a fresh server after another one was measured slower
+        for mode in (("full", "off") if pair % 2 == 0 else ("off", "full")):
+            tps = http_run(args, concurrency, ["--expert-metrics", mode], True)["output_token_throughput"]
+            (full if mode == "full" else off).append(tps)
     ratios = [f / o for f, o in zip(full, off)]
     print(f"\nexpert metrics full vs off, concurrency {concurrency}, {len(ratios)} pairs")
     for f, o, r in zip(full, off, ratios):

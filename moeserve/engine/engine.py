@@ -27,6 +27,7 @@ from moeserve.worker.model_runner import ModelRunner, kv_bytes_per_block
 from moeserve.worker.sampler import Sampler
 
 log = logging.getLogger(__name__)
+EXPERT_TOTALS_INTERVAL_S = 0.5
 
 
 @dataclass
@@ -60,6 +61,8 @@ class Engine:
         self.runner = ModelRunner(self.model, self.num_kv_blocks, config.block_size, self.dtype, self.device, sampler)
         self.stats = StepStats()
         self._states: dict[str, _RequestState] = {}
+        self._expert_totals_host = self.model.expert_totals.tolist()
+        self._published_at = time.monotonic()
 
     # ---- public API ----
     def add_request(self, request_id: str, prompt_token_ids: list[int],
@@ -85,6 +88,19 @@ class Engine:
         self.scheduler.abort(request_id)
         self._states.pop(request_id, None)
 
+    def expert_totals_host(self) -> list:
+        """[moe_layers][2][experts] routed / dropped totals, as of the last publication (at most
+        EXPERT_TOTALS_INTERVAL_S old while busy, exact once idle). Plain Python: safe to read from
+        any thread."""
+        return self._expert_totals_host
+
+    def _publish_expert_totals(self) -> None:
+        """One host copy of the device totals per interval (and when the engine goes idle)."""
+        now = time.monotonic()
+        if now - self._published_at >= EXPERT_TOTALS_INTERVAL_S or not self.scheduler.has_unfinished_requests():
+            self._expert_totals_host = self.model.expert_totals.tolist()
+            self._published_at = now
+
     def expert_placement(self) -> list[range]:
         """The global expert ids each expert-parallel rank owns (one rank for now)."""
         return [range(self.model_config.num_experts)]
@@ -100,6 +116,7 @@ class Engine:
         updates = self.scheduler.update(batch, step_output)
         touched = self._apply(updates)
         self.stats.observe(batch, time.perf_counter() - start)
+        self._publish_expert_totals()
         return [self._snapshot(state) for state in touched]
 
     # ---- internals ----

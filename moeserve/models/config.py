@@ -217,3 +217,33 @@ def _olmoe(raw: dict, arch: Architecture) -> MoEModelConfig:
 
 
 _FAMILIES = {"mixtral": _mixtral, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "olmoe": _olmoe}
+
+
+def routing_from_hf(raw: dict) -> "RoutingConfig":
+    """The router policy a checkpoint was trained with, from its config.json.
+
+    Mixtral / Qwen-MoE / OLMoE: softmax top-k, renormalised per config (Mixtral always).
+    DeepSeek-V2: softmax, greedy or group_limited_greedy (group score = max), times
+    routed_scaling_factor, never renormalised. DeepSeek-V3: sigmoid scores, the
+    e_score_correction_bias for choosing only, grouped top-k (group score = sum of the top 2),
+    renormalised if norm_topk_prob, times routed_scaling_factor.
+    """
+    from moeserve.layers.routing import RoutingConfig   # layers import this module
+
+    model_type = raw.get("model_type")
+    if model_type == "deepseek_v2":
+        grouped = raw.get("topk_method", "greedy") == "group_limited_greedy"
+        return RoutingConfig(
+            num_experts=raw["n_routed_experts"], top_k=raw["num_experts_per_tok"], scoring="softmax",
+            renormalize=False, routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+            n_group=raw.get("n_group", 1) if grouped else 1, topk_group=raw.get("topk_group", 1) if grouped else 1,
+            group_score="max")
+    if model_type == "deepseek_v3":
+        return RoutingConfig(
+            num_experts=raw["n_routed_experts"], top_k=raw["num_experts_per_tok"], scoring="sigmoid",
+            renormalize=bool(raw.get("norm_topk_prob", True)),
+            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+            n_group=raw.get("n_group", 1), topk_group=raw.get("topk_group", 1), group_score="top2_sum")
+    cfg = MoEModelConfig.from_hf(raw)
+    return RoutingConfig(num_experts=cfg.num_experts, top_k=cfg.top_k, scoring="softmax",
+                         renormalize=cfg.norm_topk_prob)

@@ -169,3 +169,34 @@ def test_device_limit_with_groups_and_bias() -> None:
 def test_impossible_limits_are_rejected(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         RoutingConfig(**kwargs)
+
+
+# --- routing_from_hf: the HF config.json -> RoutingConfig mapping gives the same routes ------------
+
+@pytest.mark.parametrize("name", sorted(V2_CASES))
+def test_routing_from_hf_deepseek_v2(name: str) -> None:
+    from moeserve.models.config import routing_from_hf
+    config = hf.DeepseekV2Config(hidden_size=H, **V2_CASES[name])
+    router = DeepseekV2TopkRouter(config).eval()
+    x = _randomise_(router, seed=7)
+    with torch.no_grad():
+        _, hf_weights, hf_ids = router(x)
+        ours = route(router_logits(router, x), routing_from_hf(config.to_dict()))
+    _assert_same_routes(ours, hf_ids, hf_weights, V2_CASES[name]["n_routed_experts"])
+
+
+@pytest.mark.parametrize("name", sorted(V3_CASES))
+def test_routing_from_hf_deepseek_v3(name: str) -> None:
+    from moeserve.models.config import routing_from_hf
+    config = hf.DeepseekV3Config(hidden_size=H, **V3_CASES[name])
+    router = DeepseekV3TopkRouter(config).eval()
+    x = _randomise_(router, seed=11)
+    with torch.no_grad():
+        _, hf_weights, hf_ids = router(x)
+        ours = route(router_logits(router, x), routing_from_hf(config.to_dict()),
+                     score_bias=router.e_score_correction_bias)
+    _assert_same_routes(ours, hf_ids, hf_weights, V3_CASES[name]["n_routed_experts"])
+
+
+def router_logits(router: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x.float(), router.weight.float())
