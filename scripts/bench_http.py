@@ -13,7 +13,6 @@ scraped every second as Prometheus would.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import subprocess

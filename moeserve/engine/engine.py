@@ -1,6 +1,6 @@
 """Engine: add_request / abort / step, the single loop that drives scheduler, runner and detokenizer.
 
-Not thread-safe: one thread owns an Engine (the server runs it in a dedicated loop thread).
+Not thread-safe: one thread owns an Engine (`moeserve serve` runs its loop in the main thread).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from moeserve.config import EngineConfig
 from moeserve.engine.batch import StepOutput
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.scheduler import Scheduler, SchedulerConfig, SeqUpdate
-from moeserve.engine.stats import StepStats
 from moeserve.errors import ConfigError
 from moeserve.models.config import MoEModelConfig
 from moeserve.models.loader import load_model
@@ -59,7 +58,6 @@ class Engine:
         self.scheduler = Scheduler(sched_cfg, self.num_kv_blocks, self.eos_token_ids)
         sampler = Sampler(self.eos_token_ids, seed=config.seed, device=self.device)
         self.runner = ModelRunner(self.model, self.num_kv_blocks, config.block_size, self.dtype, self.device, sampler)
-        self.stats = StepStats()
         self._states: dict[str, _RequestState] = {}
         self._expert_totals_host = self.model.expert_totals.tolist()
         self._published_at = time.monotonic()
@@ -110,12 +108,10 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduler step and one forward pass; returns what changed, per request."""
-        start = time.perf_counter()
         batch = self.scheduler.schedule()
         step_output = self.runner.execute(batch) if not batch.is_empty else StepOutput(outputs=[])
         updates = self.scheduler.update(batch, step_output)
         touched = self._apply(updates)
-        self.stats.observe(batch, time.perf_counter() - start)
         self._publish_expert_totals()
         return [self._snapshot(state) for state in touched]
 

@@ -59,13 +59,13 @@ class Experts(nn.Module):
         else:
             out_sorted = self._grouped(x_sorted, group_sizes)
         weighted = out_sorted * routing.weights.flatten()[order, None].to(out_sorted.dtype)  # [R, H]
-        if skip_some:
-            # Rows past the last local group (other ranks' or dropped routes) are not computed.
+        if skip_some and x.device.type != "cpu":
+            # grouped_mm leaves rows past the last local group (other ranks' or dropped routes)
+            # uninitialised; the CPU path zeroes them itself.
             weighted = torch.where(is_local[order, None], weighted, 0.0)
         out = torch.zeros_like(x)
         out.index_add_(0, token_of_route, weighted)
         return out
-
 
     def _grouped(self, x_sorted: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
         """All experts in two grouped matmuls; slice bounds stay on the device (GPU path)."""

@@ -1,8 +1,8 @@
-"""Bridge between the engine loop (its own thread) and asyncio (the HTTP server's thread).
+"""Bridge between the engine loop and asyncio (the HTTP server's thread).
 
-The engine thread owns the Engine: it drains a command queue (add / abort), runs a step when
-there is work, and pushes each RequestOutput to that request's asyncio.Queue through
-loop.call_soon_threadsafe. A request whose consumer goes away (client disconnect, cancelled
+The engine loop (the main thread under `moeserve serve`, else a thread of its own) owns the
+Engine: it drains a command queue (add / abort), runs a step when there is work, and pushes the
+step's RequestOutputs to each request's asyncio.Queue through loop.call_soon_threadsafe. A request whose consumer goes away (client disconnect, cancelled
 task) is aborted, which frees its KV blocks at the next loop turn.
 """
 
