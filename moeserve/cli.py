@@ -37,6 +37,13 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "min-capacity": (int, "lower bound of that cap (default 4)"),
     "drop-policy": (str, "which routes a full expert drops: position (latest tokens) | probs (lowest scores)"),
     "expert-metrics": (str, "full (per layer and expert) | summary (per expert, for huge models) | off"),
+    "ep-size": (int, "expert-parallel ranks: one process per device, each holding 1/N of the experts (default: visible GPUs, else 1)"),
+    "ep-dispatch": (str, "allreduce (every rank runs attention on the whole batch) | alltoall (attention split across ranks, tokens sent to their experts)"),
+    "ep-timeout": (float, "seconds a MoE collective waits for a peer before the server gives up (default 120)"),
+    "nnodes": (int, "nodes taking part in expert parallelism (torchrun-style; default 1)"),
+    "node-rank": (int, "this node's index in [0, nnodes); node 0 serves HTTP"),
+    "master-addr": (str, "address of node 0 for the rendezvous (default 127.0.0.1)"),
+    "master-port": (int, "rendezvous port on node 0 (default: a free port; required with --nnodes > 1)"),
     "max-body-bytes": (int, "largest request body accepted; larger ones get 413 (default 16 MiB)"),
 }
 _ENGINE_KEYS = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -75,11 +82,21 @@ def resolve_options(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfi
     options.update(given)
     if "api_key" not in options and os.environ.get("MOESERVE_API_KEY"):
         options["api_key"] = os.environ["MOESERVE_API_KEY"]
+    for key, env in (("master_addr", "MASTER_ADDR"), ("master_port", "MASTER_PORT")):   # as torchrun sets
+        if key not in options and os.environ.get(env):
+            options[key] = os.environ[env] if key == "master_addr" else _env_int(env)
     if "kv_cache_memory" in options:
         options["kv_cache_memory"] = parse_bytes(options["kv_cache_memory"])
     engine = EngineConfig(**{k: v for k, v in options.items() if k in _ENGINE_KEYS})
     server = ServerConfig(**{k: v for k, v in options.items() if k in _SERVER_KEYS})
     return engine, server
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise MoEServeError(f"environment variable {name}={os.environ[name]!r} is not an integer") from None
 
 
 def main(argv: list[str] | None = None) -> int:

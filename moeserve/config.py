@@ -42,9 +42,19 @@ class EngineConfig:
     capacity_factor: float | None = None     # None = dropless (the checkpoint's own behaviour)
     min_capacity: int = 4
     drop_policy: Literal["position", "probs"] = "position"
+    # expert parallelism (see moeserve/parallel/); ep_size None = the number of visible GPUs, else 1
+    ep_size: int | None = None
+    ep_dispatch: Literal["alltoall", "allreduce"] = "allreduce"
+    ep_timeout: float = 120.0                # seconds a MoE collective may wait for a peer
+    nnodes: int = 1                          # torchrun-style multi-node rendezvous
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None           # None: a free port (single node only)
 
     def __post_init__(self) -> None:
         _choice("drop_policy", self.drop_policy, ("position", "probs"))
+        _choice("ep_dispatch", self.ep_dispatch, ("alltoall", "allreduce"))
+        self._check_parallel()
         if self.capacity_factor is not None and not self.capacity_factor > 0:
             raise ConfigError(f"--capacity-factor must be > 0, got {self.capacity_factor}")
         _positive_int("min_capacity", self.min_capacity)
@@ -58,6 +68,23 @@ class EngineConfig:
             _positive_int("kv_cache_memory", self.kv_cache_memory)
         if not 0 < self.kv_cache_fraction <= 0.95:
             raise ConfigError(f"kv_cache_fraction must be in (0, 0.95], got {self.kv_cache_fraction}")
+
+    def _check_parallel(self) -> None:
+        if self.ep_size is not None:
+            _positive_int("ep_size", self.ep_size)
+        _positive_int("nnodes", self.nnodes)
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank must be in [0, --nnodes {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1:
+            if self.ep_size is None or self.ep_size % self.nnodes:
+                raise ConfigError(f"--ep-size must be a multiple of --nnodes {self.nnodes} "
+                                  f"(every node runs as many ranks), got {self.ep_size}")
+            if self.master_port is None:
+                raise ConfigError("--master-port is required with --nnodes > 1 (every node must name the same one)")
+        if self.master_port is not None and not 1 <= self.master_port <= 65535:
+            raise ConfigError(f"--master-port must be in [1, 65535], got {self.master_port}")
+        if not self.ep_timeout > 0:
+            raise ConfigError(f"--ep-timeout must be > 0 seconds, got {self.ep_timeout}")
 
 
 def _flag(name: str) -> str:

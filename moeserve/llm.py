@@ -18,6 +18,16 @@ class LLM:
         self.engine = Engine(EngineConfig(model=model, **engine_args))
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Stops expert-parallel worker processes (they also exit with this process)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

@@ -4,6 +4,11 @@ The cache is num_blocks blocks of block_size token slots. A sequence's block_tab
 ids in position order: position p lives in block block_table[p // block_size], slot p % block_size.
 Blocks are shared only by forking (n > 1), and only blocks that are full and never written again,
 so a shared block never needs copying. Plain Python: no torch.
+
+With expert parallelism in alltoall mode each rank holds its own KV cache, so the block ids are
+split into num_partitions equal ranges, one per rank: a sequence takes all its blocks from one
+partition (the rank that runs its attention), chosen when it gets its first block as the one
+holding the fewest sequences, then the most free blocks.
 """
 
 from __future__ import annotations
@@ -19,24 +24,44 @@ class HoldsBlocks(Protocol):
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int = 16) -> None:
+    def __init__(self, num_blocks: int, block_size: int = 16, num_partitions: int = 1) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if num_partitions < 1 or num_blocks % num_partitions:
+            raise ValueError(f"{num_blocks} blocks do not split into {num_partitions} equal partitions")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self.blocks_per_partition = num_blocks // num_partitions
+        per = self.blocks_per_partition
+        self._free_lists = [deque(range(p * per, (p + 1) * per)) for p in range(num_partitions)]
+        self._holders = [0] * num_partitions        # sequences holding blocks, per partition
         self._ref_counts = [0] * num_blocks
 
     @property
+    def num_partitions(self) -> int:
+        return len(self._free_lists)
+
+    @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return sum(len(free) for free in self._free_lists)
 
     @property
     def usage(self) -> float:
         """Fraction of blocks held by at least one sequence, in [0, 1]."""
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def partition_of(self, seq: HoldsBlocks) -> int:
+        """The partition seq's blocks come from: its own, or the least loaded for a new one."""
+        if seq.block_table:
+            return seq.block_table[0] // self.blocks_per_partition
+        if len(self._free_lists) == 1:
+            return 0
+        return min(range(len(self._free_lists)), key=lambda p: (self._holders[p], -len(self._free_lists[p])))
+
+    def _free_list(self, seq: HoldsBlocks) -> deque[int]:
+        return self._free_lists[self.partition_of(seq)]
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
@@ -49,20 +74,25 @@ class BlockManager:
         return max(0, self.blocks_for_tokens(num_tokens) - len(seq.block_table))
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
+        """Whether a new sequence could get num_blocks blocks (from its would-be partition)."""
+        return num_blocks <= max(len(free) for free in self._free_lists)
 
     def can_grow(self, seq: HoldsBlocks, num_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_tokens) <= len(self._free)
+        return self.blocks_needed(seq, num_tokens) <= len(self._free_list(seq))
 
     def allocate_for(self, seq: HoldsBlocks, num_tokens: int) -> None:
         """Grow seq.block_table to cover num_tokens tokens; no-op if it already does."""
         needed = self.blocks_needed(seq, num_tokens)
-        if needed > len(self._free):
-            raise RuntimeError(f"need {needed} KV blocks but only {len(self._free)} are free; "
+        partition = self.partition_of(seq)
+        free = self._free_lists[partition]
+        if needed > len(free):
+            raise RuntimeError(f"need {needed} KV blocks but only {len(free)} are free; "
                                "check can_grow() first")
         table = seq.block_table
+        if needed and not table:
+            self._holders[partition] += 1
         for _ in range(needed):
-            block_id = self._free.popleft()
+            block_id = free.popleft()
             self._ref_counts[block_id] = 1
             table.append(block_id)
 
@@ -72,10 +102,15 @@ class BlockManager:
         # A new list rather than clear(): a batch already handed to the runner may still read the
         # old one, and it must not change under it.
         seq.block_table = []
+        if not table:
+            return
+        partition = table[0] // self.blocks_per_partition
+        self._holders[partition] -= 1
+        free = self._free_lists[partition]
         for block_id in table:
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
-                self._free.append(block_id)
+                free.append(block_id)
 
     def fork(self, parent: HoldsBlocks, child: HoldsBlocks, num_tokens: int) -> int:
         """Share with child the parent's blocks that lie wholly inside positions [0, num_tokens).
@@ -88,6 +123,8 @@ class BlockManager:
             raise ValueError("fork() needs a child that holds no blocks yet")
         num_shared = min(num_tokens // self.block_size, len(parent.block_table))
         child.block_table = parent.block_table[:num_shared]
+        if num_shared:
+            self._holders[self.partition_of(parent)] += 1
         for block_id in child.block_table:
             self._ref_counts[block_id] += 1
         return num_shared * self.block_size
@@ -98,18 +135,27 @@ class BlockManager:
         For tests and debugging: O(total blocks). live_seqs must be every sequence holding blocks.
         """
         holders: Counter[int] = Counter()
+        seqs_per_partition = [0] * self.num_partitions
         for seq in live_seqs:
             if len(set(seq.block_table)) != len(seq.block_table):
                 raise AssertionError(f"a block table lists a block twice: {seq.block_table}")
+            if seq.block_table:
+                partition = self.partition_of(seq)
+                seqs_per_partition[partition] += 1
+                if any(b // self.blocks_per_partition != partition for b in seq.block_table):
+                    raise AssertionError(f"a block table spans partitions: {seq.block_table}")
             holders.update(seq.block_table)
         for block_id, count in enumerate(self._ref_counts):
             if count != holders.get(block_id, 0):
                 raise AssertionError(f"block {block_id}: ref count {count}, "
                                      f"held by {holders.get(block_id, 0)} live sequences")
-        free = set(self._free)
-        if len(free) != len(self._free):
+        free_ids = [b for free_list in self._free_lists for b in free_list]
+        free = set(free_ids)
+        if len(free) != len(free_ids):
             raise AssertionError("the free list holds a block twice")
         if free & holders.keys():
             raise AssertionError(f"blocks both free and held: {sorted(free & holders.keys())}")
         if len(free) + len(holders) != self.num_blocks:
             raise AssertionError(f"{len(free)} free + {len(holders)} held != {self.num_blocks} blocks")
+        if seqs_per_partition != self._holders:
+            raise AssertionError(f"holders per partition {self._holders}, expected {seqs_per_partition}")

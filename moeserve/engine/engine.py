@@ -14,11 +14,14 @@ import torch
 
 from moeserve.config import EngineConfig
 from moeserve.engine.batch import StepOutput
+from moeserve.engine.executor import EPExecutor, LocalExecutor
+from moeserve.engine.parallel_setup import rank_specs, resolve_ep_size, threads_per_rank
 from moeserve.engine.outputs import CompletionOutput, RequestOutput
 from moeserve.engine.scheduler import Scheduler, SchedulerConfig, SeqUpdate
 from moeserve.errors import ConfigError
 from moeserve.models.config import MoEModelConfig
 from moeserve.models.loader import load_model
+from moeserve.parallel.expert_parallel import ExpertPlacement
 from moeserve.request import FinishReason, Request, SamplingParams
 from moeserve.server.detokenizer import IncrementalDetokenizer, load_eos_token_ids
 from moeserve.worker.device import available_memory, resolve_device, resolve_dtype
@@ -45,21 +48,22 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.model_config.dtype, self.device)
         if config.seed is not None:
             torch.manual_seed(config.seed)
-        self.model = load_model(self.model_dir, self.dtype, self.device)
-        self.model.set_capacity(config.capacity_factor, config.min_capacity, config.drop_policy)
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.eos_token_ids = self._eos_ids()
         self.max_model_len = self._max_model_len()
-        self.num_kv_blocks = self._num_kv_blocks()
+        self.num_kv_blocks = self._num_kv_blocks()     # per rank
+        self.ep_size = resolve_ep_size(config, self.device, self.model_config.num_experts)
+        self.executor = self._build_executor()
+        self.model, self.runner = self.executor.model, self.executor.runner
         sched_cfg = SchedulerConfig(
             max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, block_size=config.block_size,
             enable_chunked_prefill=config.enable_chunked_prefill)
-        self.scheduler = Scheduler(sched_cfg, self.num_kv_blocks, self.eos_token_ids)
-        sampler = Sampler(self.eos_token_ids, seed=config.seed, device=self.device)
-        self.runner = ModelRunner(self.model, self.num_kv_blocks, config.block_size, self.dtype, self.device, sampler)
+        # alltoall: each rank keeps the KV blocks of the sequences whose attention it runs
+        partitions = self.ep_size if self.ep_size > 1 and config.ep_dispatch == "alltoall" else 1
+        self.scheduler = Scheduler(sched_cfg, self.num_kv_blocks * partitions, self.eos_token_ids, partitions)
         self._states: dict[str, _RequestState] = {}
-        self._expert_totals_host = self.model.expert_totals.tolist()
+        self._expert_totals_host = self.executor.expert_totals()
         self._published_at = time.monotonic()
 
     # ---- public API ----
@@ -96,12 +100,35 @@ class Engine:
         """One host copy of the device totals per interval (and when the engine goes idle)."""
         now = time.monotonic()
         if now - self._published_at >= EXPERT_TOTALS_INTERVAL_S or not self.scheduler.has_unfinished_requests():
-            self._expert_totals_host = self.model.expert_totals.tolist()
+            self._expert_totals_host = self.executor.expert_totals()
             self._published_at = now
 
     def expert_placement(self) -> list[range]:
-        """The global expert ids each expert-parallel rank owns (one rank for now)."""
-        return [range(self.model_config.num_experts)]
+        """The global expert ids each expert-parallel rank owns."""
+        placement = ExpertPlacement(self.model_config.num_experts, self.ep_size)
+        return [placement.experts_of(rank) for rank in range(self.ep_size)]
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Set when an expert-parallel worker died: the engine cannot step any more."""
+        return self.executor.failure
+
+    def close(self) -> None:
+        """Stops the expert-parallel workers (no-op on one rank). The engine is unusable after."""
+        self.executor.shutdown()
+
+    def _build_executor(self) -> LocalExecutor | EPExecutor:
+        cfg = self.config
+        if self.ep_size == 1:
+            model = load_model(self.model_dir, self.dtype, self.device)
+            model.set_capacity(cfg.capacity_factor, cfg.min_capacity, cfg.drop_policy)
+            sampler = Sampler(self.eos_token_ids, seed=cfg.seed, device=self.device)
+            return LocalExecutor(ModelRunner(model, self.num_kv_blocks, cfg.block_size, self.dtype, self.device, sampler))
+        specs = rank_specs(cfg, self.ep_size, self.model_dir, self.dtype, self.device, self.model_config.num_experts,
+                           self.num_kv_blocks, self.eos_token_ids)
+        threads = threads_per_rank(cfg, self.ep_size, self.device)
+        torch.set_num_threads(threads)
+        return EPExecutor(specs, local_ranks=self.ep_size // cfg.nnodes, num_threads=threads)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -109,7 +136,9 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Runs one scheduler step and one forward pass; returns what changed, per request."""
         batch = self.scheduler.schedule()
-        step_output = self.runner.execute(batch) if not batch.is_empty else StepOutput(outputs=[])
+        if self.executor.failure is not None:
+            raise self.executor.failure
+        step_output = self.executor.execute(batch) if not batch.is_empty else StepOutput(outputs=[])
         updates = self.scheduler.update(batch, step_output)
         touched = self._apply(updates)
         self._publish_expert_totals()

@@ -61,13 +61,14 @@ class SeqUpdate:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, num_kv_blocks: int,
-                 eos_token_ids: Iterable[int] = ()) -> None:
+                 eos_token_ids: Iterable[int] = (), kv_partitions: int = 1) -> None:
+        """num_kv_blocks in all; kv_partitions > 1 splits them per rank (expert parallel alltoall)."""
         self.config = config
-        self.blocks = BlockManager(num_kv_blocks, config.block_size)
+        self.blocks = BlockManager(num_kv_blocks, config.block_size, kv_partitions)
         self.eos_token_ids = frozenset(eos_token_ids)
         # Longest a sequence may grow: the model's context, or the whole KV cache if smaller, so
         # that any one sequence fits once the others are preempted and nothing can wait forever.
-        self.max_seq_len = min(config.max_model_len, num_kv_blocks * config.block_size)
+        self.max_seq_len = min(config.max_model_len, self.blocks.blocks_per_partition * config.block_size)
         self.waiting: deque[Sequence] = deque()     # holds no blocks; preempted ones at the front
         self.running: list[Sequence] = []           # oldest first; preemption pops the end
         self.num_preemptions = 0
@@ -205,7 +206,9 @@ class Scheduler:
             num_new = self._chunk_len(seq, budget)
             if num_new > 0:
                 if not self._grow_or_preempt(seq, seq.num_computed_tokens + num_new):
-                    break  # seq preempted itself: it was the newest left, and the rest are gone
+                    if self.blocks.num_partitions == 1:
+                        break  # seq preempted itself: it was the newest left, and the rest are gone
+                    continue   # the newest of its partition; the next sequence now sits at index
                 scheduled.append(self._scheduled_seq(seq, num_new))
                 budget -= num_new
             index += 1
@@ -214,12 +217,24 @@ class Scheduler:
     def _grow_or_preempt(self, seq: Sequence, num_tokens: int) -> bool:
         """Give seq blocks for num_tokens, preempting the newest running sequences as needed."""
         while not self.blocks.can_grow(seq, num_tokens):
-            victim = self.running.pop()
+            victim = self._newest_sharing_partition(seq)
             self._preempt(victim)
             if victim is seq:
                 return False
         self.blocks.allocate_for(seq, num_tokens)
         return True
+
+    def _newest_sharing_partition(self, seq: Sequence) -> Sequence:
+        """Pops the newest running sequence whose blocks would free room for seq's (every one,
+        unless the KV cache is split per rank)."""
+        if self.blocks.num_partitions == 1:
+            return self.running.pop()
+        partition = self.blocks.partition_of(seq)
+        for index in range(len(self.running) - 1, -1, -1):
+            candidate = self.running[index]
+            if candidate is seq or (candidate.block_table and self.blocks.partition_of(candidate) == partition):
+                return self.running.pop(index)
+        raise AssertionError("seq is running, so the loop returns it at the latest")
 
     def _schedule_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> int:
         while self.waiting and budget > 0:

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.layers.linear import Linear, linear
-
 from moeserve.layers.routing import Routing, RoutingConfig, route
+from moeserve.parallel.expert_parallel import ExpertParallel
 
 
 class Experts(nn.Module):
@@ -65,6 +65,20 @@ class Experts(nn.Module):
             weighted = torch.where(is_local[order, None], weighted, 0.0)
         out = torch.zeros_like(x)
         out.index_add_(0, token_of_route, weighted)
+        return out
+
+    def run_rows(self, rows: torch.Tensor, local_ids: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
+        """Unweighted expert outputs for rows another rank sent: rows [n, H], local_ids [n] in
+        [0, E_local), per_expert [E_local] rows per expert (host ints) -> [n, H]."""
+        order = local_ids.argsort(stable=True)                                    # [n] grouped by expert
+        x_sorted = rows[order]
+        if rows.device.type == "cpu":
+            out_sorted = self._per_expert(x_sorted, per_expert)
+        else:
+            sizes = torch.tensor(per_expert + [0], device=rows.device)
+            out_sorted = self._grouped(x_sorted, sizes)
+        out = torch.empty_like(out_sorted)
+        out[order] = out_sorted
         return out
 
     def _grouped(self, x_sorted: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
@@ -120,14 +134,48 @@ class MoELayer(nn.Module):
                                shape.first_expert, shape.num_local)
         self.shared = DenseMLP(shape.hidden, shape.shared_intermediate) if shape.shared_intermediate else None
         self.shared_gate = Linear(shape.hidden, 1, bias=False) if shape.shared_gated else None
+        self.ep: ExpertParallel | None = None   # set by MoEDecoder.attach_expert_parallel()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         # x [T, H] -> (out [T, H], routing: counts [E] and dropped [E] ride along)
         routing = route(self.router(x), self.routing_cfg, with_aux_loss=False)
-        out = self.experts(x, routing)
+        ep = self.ep
+        if ep is None:
+            out = self.experts(x, routing)
+        elif ep.mode == "allreduce":
+            out = self.experts(x, routing)                # this rank's experts' share
+            if ep.rank == 0 and self.shared is not None:
+                out += self._shared(x)                    # added once, before the sum
+            ep.all_reduce(out)
+            return out, routing
+        else:
+            out = self._alltoall(x, routing, ep)
         if self.shared is not None:
-            shared = self.shared(x)                                   # [T, H]
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(x)) * shared  # [T, 1] gate
-            out = out + shared
+            out = out + self._shared(x)
         return out, routing
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.shared(x)                                   # [T, H]
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(x)) * shared  # [T, 1] gate
+        return shared
+
+    def _alltoall(self, x: torch.Tensor, routing: Routing, ep: ExpertParallel) -> torch.Tensor:
+        # Routes sorted by global expert id are sorted by owner rank too (contiguous placement).
+        k, num_experts = routing.expert_ids.shape[1], self.routing_cfg.num_experts
+        ids = routing.expert_ids.flatten()                                        # [R]
+        if routing.capacity_limited:
+            ids = torch.where(routing.kept.flatten(), ids, num_experts)           # dropped: not sent
+        order = ids.argsort(stable=True)                                          # [R]
+        counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts]     # [E]
+        sent = order if not routing.capacity_limited else order[: int(counts.sum())]   # [S]
+        token_of_route = sent // k
+        y = ep.exchange(x[token_of_route], counts, self.experts.run_rows)         # [S, H]
+        weights = routing.weights.flatten()[sent, None].to(y.dtype)               # [S, 1]
+        return torch.zeros_like(x).index_add_(0, token_of_route, y * weights)
+
+    def serve_peers(self, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+        """alltoall mode on a rank with no tokens this step: run the other ranks' routes."""
+        nothing = torch.empty(0, hidden, dtype=dtype, device=device)
+        counts = torch.zeros(self.routing_cfg.num_experts, dtype=torch.int64, device=device)
+        self.ep.exchange(nothing, counts, self.experts.run_rows)

@@ -22,6 +22,7 @@ from moeserve.layers.routing import RoutingConfig
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding
 from moeserve.models.config import MoEModelConfig
+from moeserve.parallel.expert_parallel import ExpertParallel
 
 
 class DecoderLayer(nn.Module):
@@ -92,6 +93,20 @@ class MoEDecoder(nn.Module):
             row = self.expert_totals[self._moe_row[i]] if layer.moe is not None and self.count_experts else None
             x = layer(x, kv_caches[i], meta, row)
         return self.norm(x)
+
+    def attach_expert_parallel(self, ep: "ExpertParallel") -> None:
+        """Every MoE layer exchanges tokens over ep from now on (models/loader read only this
+        rank's experts)."""
+        for layer in self.layers:
+            if layer.moe is not None:
+                layer.moe.ep = ep
+
+    @torch.no_grad()
+    def serve_peers(self) -> None:
+        """alltoall mode, a rank with no tokens this step: take part in every MoE layer's exchange."""
+        for layer in self.layers:
+            if layer.moe is not None:
+                layer.moe.serve_peers(self.cfg.hidden_size, self.embed.weight.dtype, self.embed.weight.device)
 
     @property
     def expert_tokens(self) -> torch.Tensor:

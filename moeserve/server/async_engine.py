@@ -98,6 +98,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        engine.executor.on_failure = self._wake.set
         self._streams: dict[str, _Add] = {}          # engine thread only
         self._pending_adds = 0
         self._done = threading.Event()             # set once the loop has ended
@@ -105,7 +106,7 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self.error is None and not self._done.is_set()
+        return self.error is None and self.engine.failure is None and not self._done.is_set()
 
     def start(self) -> None:
         """Runs the engine loop in a new thread (in-process servers and tests)."""
@@ -120,6 +121,10 @@ class AsyncEngine:
             self._run()
         finally:
             self._done.set()
+
+    def wait_stopped(self, timeout: float) -> bool:
+        """True once the engine loop has ended (within timeout seconds)."""
+        return self._done.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -172,6 +177,8 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                if self.engine.failure is not None:   # an expert-parallel worker died
+                    raise self.engine.failure
                 self._drain_commands()
                 if self.engine.has_unfinished_requests():
                     self._deliver(self.engine.step())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -32,6 +33,8 @@ def build_context(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> ServerC
 
 def serve(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
     logging.basicConfig(level=server_cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if engine_cfg.node_rank > 0:
+        return _serve_worker_node(engine_cfg)
     ctx = build_context(engine_cfg, server_cfg)
     app = create_app(ctx, api_key=server_cfg.api_key, max_body_bytes=server_cfg.max_body_bytes,
                      metrics=ctx.engine.metrics, start_engine=False)
@@ -47,12 +50,46 @@ def serve(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: _request_exit(server, signum))
     http = threading.Thread(target=_run_http, args=(server, ctx), name="moeserve-http")
-    http.start()
-    ctx.engine.run_loop()          # returns once the HTTP thread has shut down (or the engine failed)
-    if ctx.engine.error is not None:
-        server.should_exit = True  # the engine died: stop serving, exit non-zero
-    http.join()
+    _exit_if_stuck_after_failure(ctx)
+    try:
+        http.start()
+        ctx.engine.run_loop()          # returns once the HTTP thread has shut down (or the engine failed)
+        if ctx.engine.error is not None:
+            server.should_exit = True  # the engine died: stop serving, exit non-zero
+        http.join()
+    finally:
+        ctx.engine.engine.close()      # expert-parallel workers
     return 1 if ctx.engine.error is not None or not server.started else 0
+
+
+def _exit_if_stuck_after_failure(ctx: ServerContext, grace_s: float = 5.0) -> None:
+    """A dead expert-parallel worker normally fails the step in flight; should a collective hang
+    instead, the process must still end (non-zero, workers killed) rather than serve nothing."""
+    executor = ctx.engine.engine.executor
+    wake = executor.on_failure
+
+    def on_failure() -> None:
+        wake()
+        threading.Thread(target=guard, name="moeserve-failure-guard", daemon=True).start()
+
+    def guard() -> None:
+        if not ctx.engine.wait_stopped(grace_s):
+            log.critical("the engine loop did not stop %.0f s after a worker failure; exiting", grace_s)
+            executor.kill_workers()
+            os._exit(1)
+
+    executor.on_failure = on_failure
+
+
+def _serve_worker_node(cfg: EngineConfig) -> int:
+    """Multi-node expert parallelism, nodes 1..nnodes-1: ranks only; node 0 serves HTTP."""
+    from moeserve.engine.parallel_setup import rendezvous_for_node, threads_per_rank
+    from moeserve.parallel.worker import run_worker_node
+    from moeserve.worker.device import resolve_device
+    device = resolve_device(cfg.device)
+    log.info("node %d of %d: ranks of --ep-size %d, rendezvous at %s:%d", cfg.node_rank, cfg.nnodes,
+             cfg.ep_size, cfg.master_addr, cfg.master_port)
+    return run_worker_node(rendezvous_for_node(cfg, cfg.ep_size, device), threads_per_rank(cfg, cfg.ep_size, device))
 
 
 def _request_exit(server: uvicorn.Server, signum: int) -> None:

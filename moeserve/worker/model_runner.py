@@ -51,6 +51,12 @@ class ModelRunner:
         return StepOutput(outputs=outputs)
 
     @torch.inference_mode()
+    def forward_only(self, batch: ScheduledBatch) -> None:
+        """Fills the KV cache and runs the MoE layers, no logits (expert-parallel allreduce ranks > 0)."""
+        step = self.prepare(batch)
+        self.model(step.input_ids, step.meta, self.kv_caches)
+
+    @torch.inference_mode()
     def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """[S, V] float32 logits of the sampled sequences, in batch order (tests and benchmarks)."""
         return self._logits(self.prepare(batch))

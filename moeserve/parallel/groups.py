@@ -1,0 +1,61 @@
+"""Process groups for expert parallelism, created once per process and passed explicitly.
+
+Two groups over the same ranks:
+- compute: the MoE collectives (NCCL on CUDA devices, gloo on CPU), with --ep-timeout, so a dead
+  or stuck peer fails the step instead of hanging it;
+- control: gloo, carries rank 0's step messages. Workers wait on it between steps for as long as
+  the server stays idle, so its timeout is long; a dead rank 0 still ends the wait at once (the
+  connection closes).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_IDLE_FOREVER = timedelta(days=365)
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where and how one rank joins: the same on every rank except `rank`."""
+
+    init_method: str          # tcp://host:port
+    world_size: int
+    rank: int
+    device: str               # "cpu" or "cuda:<local index>"
+    timeout_s: float = 120.0
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.startswith("cuda") else "gloo"
+
+
+@dataclass(frozen=True)
+class Groups:
+    compute: dist.ProcessGroup
+    control: dist.ProcessGroup
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def init_groups(rdv: Rendezvous) -> Groups:
+    if rdv.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(rdv.device))
+    dist.init_process_group(rdv.backend, init_method=rdv.init_method, world_size=rdv.world_size,
+                            rank=rdv.rank, timeout=timedelta(seconds=rdv.timeout_s))
+    control = dist.new_group(backend="gloo", timeout=_IDLE_FOREVER)
+    return Groups(compute=dist.group.WORLD, control=control)
+
+
+def destroy_groups() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

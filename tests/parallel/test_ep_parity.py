@@ -1,0 +1,109 @@
+"""Expert parallelism changes where experts run, never what the model says.
+
+For each architecture, --ep-size 2 (and 4 for two of them) in both dispatch modes generates the
+same tokens as one process: greedy, and seeded random sampling (which alltoall ranks do on their
+own). The workload mixes prompt lengths and output lengths so that prefill is chunked (token
+budget 32), the small per-rank KV cache forces preemptions, and late steps have fewer sequences
+than ranks (alltoall ranks with no tokens still serve the others' routes).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.engine.engine_helpers import kv_bytes_for_blocks, make_llm, random_prompts
+
+from moeserve.request import SamplingParams
+
+PROMPT_LENS = (5, 40, 17, 70, 9, 33, 52, 3)
+MAX_TOKENS = (12, 4, 20, 8, 24, 6, 10, 30)
+BUDGET = 32
+# Per rank: the longest sequence (78 tokens = 5 blocks) fits, all of them never do.
+KV_BLOCKS_PER_RANK = {2: 7, 4: 5}
+
+CASES = [(arch, 2, mode) for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+         for mode in ("alltoall", "allreduce")]
+CASES += [("mixtral", 4, "alltoall"), ("qwen2_moe", 4, "allreduce"), ("olmoe", 4, "alltoall")]
+
+
+def _params() -> list[SamplingParams]:
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
+    params[2] = SamplingParams(temperature=0.9, top_p=0.9, seed=5, max_tokens=MAX_TOKENS[2], ignore_eos=True)
+    return params
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [out.outputs[0].token_ids for out in outputs]
+
+
+@pytest.fixture(scope="module")
+def references(ep_checkpoints):
+    """--ep-size 1 over a cache that never runs out."""
+    torch.set_num_threads(1)
+    prompts = random_prompts(PROMPT_LENS, seed=3)
+    refs = {}
+    for arch, path in ep_checkpoints.items():
+        llm = make_llm(path, max_num_batched_tokens=BUDGET)
+        refs[arch] = _tokens(llm.generate(prompts, _params()))
+        assert llm.engine.scheduler.num_preemptions == 0
+    return prompts, refs
+
+
+@pytest.mark.parametrize("arch, ep_size, mode", CASES)
+def test_same_tokens_as_one_rank(ep_checkpoints, references, arch, ep_size, mode):
+    prompts, refs = references
+    path = ep_checkpoints[arch]
+    with make_llm(path, max_num_batched_tokens=BUDGET, ep_size=ep_size, ep_dispatch=mode,
+                  kv_cache_memory=kv_bytes_for_blocks(path, KV_BLOCKS_PER_RANK[ep_size])) as llm:
+        engine = llm.engine
+        idle_rank_steps = _count_idle_rank_steps(engine) if mode == "alltoall" else None
+        got = _tokens(llm.generate(prompts, _params()))
+        assert got == refs[arch]
+        if not (mode == "alltoall" and ep_size == 4):   # 8 sequences over 4 caches: 2 each, no squeeze
+            assert engine.scheduler.num_preemptions > 0, "no preemption: the cache is too large for the test"
+        blocks = engine.scheduler.blocks
+        assert blocks.num_free_blocks == blocks.num_blocks
+        if idle_rank_steps is not None:
+            assert idle_rank_steps[0] > 0, "no step left a rank without tokens"
+        # alltoall splits the KV cache: every rank's partition was used
+        if mode == "alltoall":
+            assert blocks.num_partitions == ep_size
+
+
+def _count_idle_rank_steps(engine) -> list[int]:
+    counter = [0]
+    split = engine.executor._split
+
+    def spying_split(seqs):
+        per_rank = split(seqs)
+        counter[0] += any(not part for part in per_rank)
+        return per_rank
+
+    engine.executor._split = spying_split
+    return counter
+
+
+def test_each_rank_loads_shared_weights_and_its_own_experts(ep_checkpoints):
+    path = ep_checkpoints["qwen2_moe"]
+    whole = make_llm(path).engine.model
+    per_expert = sum(layer.moe.experts.w13[0].numel() + layer.moe.experts.w2[0].numel()
+                     for layer in whole.layers if layer.moe is not None)
+    num_experts = whole.cfg.num_experts
+    total = sum(p.numel() for p in whole.parameters())
+    shared = total - per_expert * num_experts
+    with make_llm(path, ep_size=3, ep_dispatch="allreduce") as llm:
+        reports = llm.engine.executor.reports
+    assert [r.experts for r in reports] == [range(0, 3), range(3, 6), range(6, 8)]
+    for report in reports:
+        assert report.params == shared + per_expert * len(report.experts)
+        assert report.expert_params == per_expert * len(report.experts)
+        assert report.param_bytes == 4 * report.params
+
+
+def test_bad_ep_size_names_the_flag(ep_checkpoints):
+    from moeserve.errors import ConfigError
+    with pytest.raises(ConfigError, match="--ep-size 9 is more than the model's 8 experts"):
+        make_llm(ep_checkpoints["mixtral"], ep_size=9)
+    with pytest.raises(ConfigError, match="--ep-dispatch"):
+        make_llm(ep_checkpoints["mixtral"], ep_size=2, ep_dispatch="ring")
