@@ -178,3 +178,31 @@ def test_killed_worker_ends_the_server(builtin_dir, tmp_path, mode, busy):
         assert not left, f"processes left behind: {left}"
     finally:
         server.stop()
+
+
+def test_two_nodes_rendezvous_like_torchrun(builtin_dir, tmp_path):
+    """--nnodes 2 on one machine: node 1 runs rank 1 (no HTTP), node 0 serves; a SIGTERM to node 0
+    shuts both down cleanly."""
+    import subprocess
+    import sys
+
+    from tests.server.api_helpers import COMMON_ARGS, REPO, free_port
+
+    master_port = free_port()
+    common = ["--ep-size", "2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log1 = open(tmp_path / "node1.log", "wb")
+    node1 = subprocess.Popen([sys.executable, "-m", "moeserve.cli", "serve", str(builtin_dir), *COMMON_ARGS,
+                              *common, "--node-rank", "1"], cwd=REPO, env=env, stdout=log1, stderr=subprocess.STDOUT)
+    node0 = LiveServer("node0", builtin_dir, builtin_dir.parent, tmp_path, [*common, "--node-rank", "0"])
+    try:
+        node0.ready()
+        assert node1.poll() is None, (tmp_path / "node1.log").read_text()
+        assert _completions(node0) and _expert_series(node0, "rank_expert_tokens").get('{rank="1"}', 0) > 0
+        assert node0.stop() == 0
+        assert node1.wait(timeout=30) == 0, (tmp_path / "node1.log").read_text()
+    finally:
+        node0.stop()
+        if node1.poll() is None:
+            node1.kill()
+        log1.close()
