@@ -5,11 +5,13 @@
 Every configuration runs the same greedy workload (prompt --prompt-len, output --output-len;
 4 requests at concurrency 1, 2 x C above) through the offline engine, one after the other in one
 run. ep-size 1 runs with one thread (and, for reference, with all cores); ep-size N > 1 runs one
-thread per rank. Rank 0 times its MoE collectives and counts the bytes it hands them:
-- comm ms/layer: collective time per MoE layer per step (includes waiting for the slower rank);
-- bytes/token/layer: payload per token rank 0 ran, per MoE layer, against the theoretical
-  2 x top_k x hidden x dtype bytes of alltoall (each route's row goes out and comes back), and
-  hidden x dtype for allreduce's partial sums (a ring all-reduce moves ~2(N-1)/N of that per rank).
+thread per rank. Every rank times its MoE collectives and counts the bytes it hands them:
+- comm ms/layer: collective time per MoE layer per step, mean over ranks (it includes waiting
+  for the slower rank: load imbalance shows up here);
+- bytes/token/layer: alltoall: bytes handed to all_to_all_single by all ranks (rows out, results
+  back) per token of the batch, against the theoretical 2 x top_k x hidden x dtype; "remote" is the
+  part that left its rank. allreduce: each rank's [T, H] partial per token (hidden x dtype; a ring
+  all-reduce moves ~2(N-1)/N of that per rank).
 """
 
 from __future__ import annotations
@@ -27,14 +29,13 @@ import bench_throughput  # noqa: E402
 from moeserve import LLM  # noqa: E402
 from moeserve.config import parse_bytes  # noqa: E402
 from moeserve.engine.parallel_setup import usable_cpus  # noqa: E402
-from moeserve.parallel.expert_parallel import CommStats  # noqa: E402
 from moeserve.request import SamplingParams  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
-    p.add_argument("--concurrency", default="1,16")
+    p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--ep-sizes", default="1,2")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
@@ -77,46 +78,45 @@ def run(args, label: str, engine_args: dict, threads: int, concurrency: int) -> 
 
 
 class _Probe:
-    """Counts steps and rank-0 tokens, and switches on rank 0's collective timing."""
+    """Counts steps and tokens, and snapshots every rank's collective time and bytes."""
 
     def __init__(self, llm: LLM) -> None:
-        engine = llm.engine
-        self.steps = 0
-        self.rank0_tokens = 0
-        self.stats = None
-        executor = engine.executor
-        if hasattr(executor, "rank"):
-            self.stats = CommStats()
-            executor.rank.ep.stats = self.stats
-        step = engine.step
+        self.engine = engine = llm.engine
+        self.steps = self.tokens = 0
+        self.before = self._stats()
+        step, execute = engine.step, engine.executor.execute
 
         def counted_step():
             self.steps += 1
             return step()
 
-        engine.step = counted_step
-        execute = executor.execute
-
         def counted_execute(batch):
-            if getattr(executor, "mode", None) == "alltoall":
-                blocks = executor.spec.num_kv_blocks
-                self.rank0_tokens += sum(len(s.token_ids) for s in batch.seqs if s.block_table[0] < blocks)
-            else:
-                self.rank0_tokens += batch.num_tokens
+            self.tokens += batch.num_tokens
             return execute(batch)
 
-        executor.execute = counted_execute
+        engine.step, engine.executor.execute = counted_step, counted_execute
+
+    def _stats(self) -> list[tuple] | None:
+        executor = self.engine.executor
+        if not hasattr(executor, "comm_stats"):
+            return None
+        return [(s.seconds, s.bytes_sent, s.bytes_remote) for s in executor.comm_stats()]
 
     def result(self, label: str, concurrency: int, tok_s: float, cfg, dtype: torch.dtype) -> dict:
         row = {"label": label, "c": concurrency, "tok_s": tok_s, "comm_ms": None, "bytes": None, "theory": None}
-        if self.stats is None or not self.steps:
+        after = self._stats()
+        if after is None or not self.steps:
             return row
+        delta = [[a - b for a, b in zip(x, y)] for x, y in zip(after, self.before)]
+        ranks, layers = len(delta), cfg.num_moe_layers
         elem = torch.empty((), dtype=dtype).element_size()
-        layers = cfg.num_moe_layers
-        row["comm_ms"] = self.stats.seconds / self.steps / layers * 1e3
-        row["bytes"] = self.stats.bytes_sent / max(self.rank0_tokens, 1) / layers
-        row["remote"] = self.stats.bytes_remote / max(self.rank0_tokens, 1) / layers
+        row["comm_ms"] = sum(d[0] for d in delta) / ranks / self.steps / layers * 1e3   # mean over ranks
         alltoall = "alltoall" in label
+        # alltoall: every token's routes cross once out and once back, summed over the ranks;
+        # allreduce: each rank contributes its [T, H] partial for every token of the batch.
+        per = self.tokens if alltoall else self.tokens * ranks
+        row["bytes"] = sum(d[1] for d in delta) / per / layers
+        row["remote"] = sum(d[2] for d in delta) / per / layers
         row["theory"] = (2 * cfg.top_k if alltoall else 1) * cfg.hidden_size * elem
         return row
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from moeserve.engine.batch import ScheduledBatch, ScheduledSeq, SeqOutput, StepOutput
 from moeserve.errors import MoEServeError
+from moeserve.parallel.expert_parallel import CommStats
 from moeserve.parallel.groups import Groups, destroy_groups, init_groups
 from moeserve.parallel.rank import RankRunner, RankSpec, Shutdown, StepMessage, build_rank, slim
 from moeserve.parallel.worker import spawn_workers
@@ -96,9 +97,8 @@ class EPExecutor:
         per_rank = self._split(batch.seqs)
         mine, per_rank[0] = per_rank[0], []
         self._broadcast(StepMessage(per_rank))
-        outputs = self.rank.run_own(mine)
-        gathered = self._gather((outputs, None))
-        by_seq = {out.seq_id: out for outs, _ in gathered for out in outs}
+        gathered = self._gather(self.rank.run_own(mine))
+        by_seq = {out.seq_id: out for outs in gathered for out in outs}
         return StepOutput(outputs=[by_seq[s.seq_id] for s in batch.seqs if s.sample])
 
     def expert_totals(self) -> list:
@@ -106,10 +106,17 @@ class EPExecutor:
         own = self.rank.expert_totals()
         if self.mode == "allreduce":
             return own          # rank 0 routed every token
+        return _elementwise_sum([totals for _, totals, _ in self._query(own)])
+
+    def comm_stats(self) -> list[CommStats]:
+        """Every rank's MoE collective time and bytes so far (benchmarks)."""
+        return [stats for _, _, stats in self._query(None)]
+
+    def _query(self, own_totals: list | None) -> list[tuple]:
+        """Between steps: every rank replies with (_, its expert totals if asked, its CommStats)."""
         self._check()
-        self._broadcast(StepMessage(None, want_totals=True))
-        totals = [t for _, t in self._gather(([], own))]
-        return _elementwise_sum(totals)
+        self._broadcast(StepMessage(None, want_totals=own_totals is not None))
+        return self._gather(([], own_totals, self.rank.ep.stats))
 
     def _split(self, seqs: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
         """Each sequence goes to the rank whose KV partition holds its blocks."""

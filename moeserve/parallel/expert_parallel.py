@@ -83,7 +83,7 @@ class ExpertParallel:
     rank: int
     placement: ExpertPlacement
     mode: Dispatch
-    stats: CommStats | None = None          # set to time the collectives (benchmarks)
+    stats: CommStats | None = None          # collective time and bytes; two perf_counter calls each
     _recv_expert_ids: dict = field(default_factory=dict)
 
     @property
@@ -135,7 +135,7 @@ class ExpertParallel:
             self._recv_expert_ids[mine] = pattern
         return pattern.repeat_interleave(recv_counts)
 
-    # ---- timing (benchmarks only: off unless stats is set) ----
+    # ---- timing: always on (two perf_counter calls per collective), read by scripts/bench_ep.py ----
     def _start(self) -> float:
         return time.perf_counter() if self.stats is not None else 0.0
 

@@ -45,13 +45,12 @@ class RankSpec:
     capacity_factor: float | None
     min_capacity: int
     drop_policy: str
-    comm_stats: bool = False           # time the MoE collectives (scripts/bench_ep.py)
 
 
 @dataclass(slots=True)
 class StepMessage:
-    seqs: list[list[ScheduledSeq]] | None   # None: no step, only report expert totals
-    want_totals: bool = False
+    seqs: list[list[ScheduledSeq]] | None   # None: no step, a query: every rank replies
+    want_totals: bool = False                # alltoall: reply with this rank's expert totals
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +119,7 @@ def build_rank(spec: RankSpec, groups: Groups) -> RankRunner:
     model.set_capacity(spec.capacity_factor, spec.min_capacity, spec.drop_policy)
     # allreduce: every rank routes every token, so rank 0's counts are already the global ones.
     model.count_experts = rank == 0 or spec.mode == "alltoall"
-    ep = ExpertParallel(groups.compute, rank, placement, spec.mode, CommStats() if spec.comm_stats else None)
+    ep = ExpertParallel(groups.compute, rank, placement, spec.mode, CommStats())
     model.attach_expert_parallel(ep)
     sampler = Sampler(spec.eos_token_ids, seed=spec.seed, device=device)
     runner = ModelRunner(model, spec.num_kv_blocks, spec.block_size, spec.dtype, device, sampler)
@@ -135,12 +134,13 @@ def serve_steps(rank: RankRunner, groups: Groups) -> None:
         message = box[0]
         if isinstance(message, Shutdown):
             return
-        if rank.spec.mode == "allreduce":
+        if message.seqs is None:       # a query between steps
+            totals = rank.expert_totals() if message.want_totals else None
+            dist.gather_object(([], totals, rank.ep.stats), None, dst=0, group=groups.control)
+        elif rank.spec.mode == "allreduce":
             rank.run_whole_batch(message.seqs[0])
-            continue
-        outputs = rank.run_own(message.seqs[rank.rank]) if message.seqs is not None else []
-        totals = rank.expert_totals() if message.want_totals else None
-        dist.gather_object((outputs, totals), None, dst=0, group=groups.control)
+        else:
+            dist.gather_object(rank.run_own(message.seqs[rank.rank]), None, dst=0, group=groups.control)
 
 
 def slim(seq: ScheduledSeq) -> ScheduledSeq:
