@@ -38,7 +38,7 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "drop-policy": (str, "which routes a full expert drops: position (latest tokens) | probs (lowest scores)"),
     "expert-metrics": (str, "full (per layer and expert) | summary (per expert, for huge models) | off"),
     "ep-size": (int, "expert-parallel ranks: one process per device, each holding 1/N of the experts (default: visible GPUs, else 1)"),
-    "ep-dispatch": (str, "allreduce (every rank runs attention on the whole batch) | alltoall (attention split across ranks, tokens sent to their experts)"),
+    "ep-dispatch": (str, "alltoall (default: attention and KV split across ranks, tokens sent to their experts) | allreduce (every rank runs attention on the whole batch)"),
     "ep-timeout": (float, "seconds a MoE collective waits for a peer before the server gives up (default 120)"),
     "nnodes": (int, "nodes taking part in expert parallelism (torchrun-style; default 1)"),
     "node-rank": (int, "this node's index in [0, nnodes); node 0 serves HTTP"),

@@ -80,7 +80,10 @@ class Server:
 def scrape_forever(url: str, stop: threading.Event, interval: float = 1.0) -> None:
     """Prometheus' part: GET /metrics every `interval` seconds while the load runs."""
     while not stop.wait(interval):
-        httpx.get(f"{url}/metrics", timeout=10)
+        try:
+            httpx.get(f"{url}/metrics", timeout=10)
+        except httpx.HTTPError:
+            return      # the server is stopping
 
 
 def num_prompts(args, concurrency: int) -> int:
@@ -152,7 +155,10 @@ def metrics_overhead(args, concurrency: int) -> None:
     for f, o, r in zip(full, off, ratios):
         print(f"  full {f:7.1f} tok/s   off {o:7.1f} tok/s   full/off {r:.3f}")
     mean = sum(ratios) / len(ratios)
-    print(f"mean full/off {mean:.3f} -> overhead {1 - mean:+.1%}")
+    median = sorted(ratios)[len(ratios) // 2] if len(ratios) % 2 else sum(sorted(ratios)[len(ratios) // 2 - 1:][:2]) / 2
+    pooled = sum(full) / sum(off)
+    print(f"mean full/off {mean:.3f} (overhead {1 - mean:+.1%}), median {median:.3f}, "
+          f"pooled tokens/s {pooled:.3f} (overhead {1 - pooled:+.1%})")
 
 
 if __name__ == "__main__":

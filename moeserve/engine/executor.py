@@ -72,8 +72,12 @@ class EPExecutor:
             self.rank: RankRunner = build_rank(self.spec, self.groups)
             reports = [None] * self.world_size
             dist.gather_object(self.rank.report(), reports, dst=0, group=self.groups.control)
-        except BaseException:
+        except BaseException as exc:
+            self._closing.set()
             self.kill_workers()
+            destroy_groups()
+            if isinstance(exc, RuntimeError):     # gloo / NCCL: a rank died or never came
+                raise ExpertParallelError(f"expert-parallel start-up failed: {exc}") from exc
             raise
         failed = [r for r in reports if r.error is not None]
         if failed:
