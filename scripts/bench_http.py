@@ -13,6 +13,7 @@ scraped every second as Prometheus would.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import subprocess
@@ -39,6 +40,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-cache-memory", default="2GiB")
     p.add_argument("--expert-metrics-pairs", type=int, default=0)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--server-threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of the server (default: all cores). 1 leaves a core to the load "
+                        "generator, whose CPU use otherwise stalls the server's OpenMP barriers at random")
     return p.parse_args()
 
 
@@ -54,7 +58,10 @@ class Server:
         cmd = [sys.executable, "-m", "moeserve.cli", "serve", args.model, "--port", str(self.port),
                "--kv-cache-memory", args.kv_cache_memory, "--max-num-seqs", str(max_num_seqs),
                "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = dict(os.environ)
+        if args.server_threads:
+            env["OMP_NUM_THREADS"] = str(args.server_threads)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.time() + 300
         while time.time() < deadline:
             try:
@@ -144,6 +151,9 @@ def main() -> None:
 
 
 def metrics_overhead(args, concurrency: int) -> None:
+    # The first server of a run measured ~12% slower than every later one (cold caches), whatever
+    # its mode: one throwaway run first.
+    http_run(args, concurrency, ["--expert-metrics", "off"], True)
     full, off = [], []
     for pair in range(args.expert_metrics_pairs):
         # alternate which mode goes first: a fresh server after another one was measured slower

@@ -52,16 +52,16 @@ class BlockManager:
         """Fraction of blocks held by at least one sequence, in [0, 1]."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def partition_of(self, seq: HoldsBlocks) -> int:
-        """The partition seq's blocks come from: its own, or the least loaded for a new one."""
+    def partition_of(self, seq: HoldsBlocks, num_blocks: int = 0) -> int:
+        """The partition seq's blocks come from: its own, or for a sequence holding none the least
+        loaded of those with num_blocks free (of all, if none has)."""
         if seq.block_table:
             return seq.block_table[0] // self.blocks_per_partition
         if len(self._free_lists) == 1:
             return 0
-        return min(range(len(self._free_lists)), key=lambda p: (self._holders[p], -len(self._free_lists[p])))
-
-    def _free_list(self, seq: HoldsBlocks) -> deque[int]:
-        return self._free_lists[self.partition_of(seq)]
+        parts = range(len(self._free_lists))
+        roomy = [p for p in parts if len(self._free_lists[p]) >= num_blocks] or parts
+        return min(roomy, key=lambda p: (self._holders[p], -len(self._free_lists[p])))
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
@@ -78,12 +78,13 @@ class BlockManager:
         return num_blocks <= max(len(free) for free in self._free_lists)
 
     def can_grow(self, seq: HoldsBlocks, num_tokens: int) -> bool:
-        return self.blocks_needed(seq, num_tokens) <= len(self._free_list(seq))
+        needed = self.blocks_needed(seq, num_tokens)
+        return needed <= len(self._free_lists[self.partition_of(seq, needed)])
 
     def allocate_for(self, seq: HoldsBlocks, num_tokens: int) -> None:
         """Grow seq.block_table to cover num_tokens tokens; no-op if it already does."""
         needed = self.blocks_needed(seq, num_tokens)
-        partition = self.partition_of(seq)
+        partition = self.partition_of(seq, needed)
         free = self._free_lists[partition]
         if needed > len(free):
             raise RuntimeError(f"need {needed} KV blocks but only {len(free)} are free; "

@@ -51,8 +51,8 @@ class Engine:
         self.tokenizer = _load_tokenizer(self.model_dir)
         self.eos_token_ids = self._eos_ids()
         self.max_model_len = self._max_model_len()
-        self.num_kv_blocks = self._num_kv_blocks()     # per rank
         self.ep_size = resolve_ep_size(config, self.device, self.model_config.num_experts)
+        self.num_kv_blocks = self._num_kv_blocks()     # per rank
         self.executor = self._build_executor()
         self.model, self.runner = self.executor.model, self.executor.runner
         sched_cfg = SchedulerConfig(
@@ -222,6 +222,8 @@ class Engine:
         cfg = self.config
         per_block = kv_bytes_per_block(self.model_config, cfg.block_size, self.dtype)
         budget = cfg.kv_cache_memory or int(available_memory(self.device) * cfg.kv_cache_fraction)
+        if cfg.kv_cache_memory is None and self.device.type == "cpu":
+            budget //= self.ep_size // cfg.nnodes    # the ranks of this node share its memory
         blocks_per_seq = -(-self.max_model_len // cfg.block_size)
         needed = blocks_per_seq * cfg.max_num_seqs     # more than this can never be used
         blocks = min(budget // per_block, needed)

@@ -8,6 +8,7 @@ executor failed, so the engine stops and the server turns unhealthy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Callable
@@ -19,7 +20,7 @@ from moeserve.engine.batch import ScheduledBatch, ScheduledSeq, SeqOutput, StepO
 from moeserve.errors import MoEServeError
 from moeserve.parallel.expert_parallel import CommStats
 from moeserve.parallel.groups import Groups, destroy_groups, init_groups
-from moeserve.parallel.rank import RankRunner, RankSpec, Shutdown, StepMessage, build_rank, slim
+from moeserve.parallel.rank import RankRunner, RankSpec, Shutdown, StepMessage, build_rank, for_sampling, slim
 from moeserve.parallel.worker import spawn_workers
 from moeserve.worker.model_runner import ModelRunner
 
@@ -68,9 +69,10 @@ class EPExecutor:
         self._watchdog.start()
         try:
             self.groups: Groups = init_groups(self.spec.rendezvous)
-            dist.broadcast_object_list([specs], src=0, group=self.groups.control)
+            dist.broadcast_object_list([specs], src=0, group=self.groups.control)   # workers start by broadcast
             self.rank: RankRunner = build_rank(self.spec, self.groups)
             reports = [None] * self.world_size
+            # loading may take long: the reports come on the control group (the watchdog covers deaths)
             dist.gather_object(self.rank.report(), reports, dst=0, group=self.groups.control)
         except BaseException as exc:
             self._closing.set()
@@ -95,13 +97,13 @@ class EPExecutor:
     # ---- steps ----
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         self._check()
-        if self.mode == "allreduce":
-            self._broadcast(StepMessage([[slim(s) for s in batch.seqs]]))
-            return self.runner.execute(batch)
-        per_rank = self._split(batch.seqs)
-        mine, per_rank[0] = per_rank[0], []
-        self._broadcast(StepMessage(per_rank))
-        gathered = self._gather(self.rank.run_own(mine))
+        with self._failing_on_error():
+            if self.mode == "allreduce":
+                self._send(StepMessage([slim(s) for s in batch.seqs]))
+                return self.runner.execute(batch)
+            per_rank = self._split(batch.seqs)
+            self._send([StepMessage(None)] + [StepMessage([for_sampling(s) for s in seqs]) for seqs in per_rank[1:]])
+            gathered = self._gather(self.rank.run_own(per_rank[0]))
         by_seq = {out.seq_id: out for outs in gathered for out in outs}
         return StepOutput(outputs=[by_seq[s.seq_id] for s in batch.seqs if s.sample])
 
@@ -119,8 +121,9 @@ class EPExecutor:
     def _query(self, own_totals: list | None) -> list[tuple]:
         """Between steps: every rank replies with (_, its expert totals if asked, its CommStats)."""
         self._check()
-        self._broadcast(StepMessage(None, want_totals=own_totals is not None))
-        return self._gather(([], own_totals, self.rank.ep.stats))
+        with self._failing_on_error():
+            self._send(StepMessage(None, want_totals=own_totals is not None))
+            return self._gather(([], own_totals, self.rank.ep.stats))
 
     def _split(self, seqs: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
         """Each sequence goes to the rank whose KV partition holds its blocks."""
@@ -130,13 +133,29 @@ class EPExecutor:
             per_rank[seq.block_table[0] // blocks_per_rank].append(seq)
         return per_rank
 
-    def _broadcast(self, message: object) -> None:
-        dist.broadcast_object_list([message], src=0, group=self.groups.control)
+    def _send(self, message: object) -> None:
+        """allreduce: one message for every rank; alltoall: a list, one message per rank (or one
+        object that every rank gets)."""
+        if self.mode == "allreduce":
+            dist.broadcast_object_list([message], src=0, group=self.groups.control)
+            return
+        messages = message if isinstance(message, list) else [message] * self.world_size
+        dist.scatter_object_list([None], messages, src=0, group=self.groups.control)
 
     def _gather(self, mine: object) -> list:
         gathered = [None] * self.world_size
-        dist.gather_object(mine, gathered, dst=0, group=self.groups.control)
+        dist.gather_object(mine, gathered, dst=0, group=self.groups.reply)
         return gathered
+
+    @contextlib.contextmanager
+    def _failing_on_error(self):
+        """A collective that failed leaves the ranks out of step: nothing may be sent after it."""
+        try:
+            yield
+        except BaseException as exc:
+            if self.failure is None:
+                self.failure = ExpertParallelError(f"expert-parallel step failed: {type(exc).__name__}: {exc}")
+            raise
 
     # ---- failure and shutdown ----
     def _check(self) -> None:
@@ -161,7 +180,7 @@ class EPExecutor:
         self._closing.set()
         if self.failure is None:
             try:
-                self._broadcast(Shutdown())
+                self._send(Shutdown())
             except (RuntimeError, ValueError) as exc:
                 log.warning("could not tell the workers to stop: %s", exc)
         for proc in self.procs:

@@ -70,6 +70,8 @@ class Experts(nn.Module):
     def run_rows(self, rows: torch.Tensor, local_ids: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
         """Unweighted expert outputs for rows another rank sent: rows [n, H], local_ids [n] in
         [0, E_local), per_expert [E_local] rows per expert (host ints) -> [n, H]."""
+        if rows.shape[0] == 0:
+            return rows
         order = local_ids.argsort(stable=True)                                    # [n] grouped by expert
         x_sorted = rows[order]
         if rows.device.type == "cpu":

@@ -117,7 +117,7 @@ class ExpertParallel:
         x_recv = x_send.new_empty(sum(recv_splits), hidden)                       # [Rr, H]
         dist.all_to_all_single(x_recv, x_send, recv_splits, send_splits, group=self.group)
         self._pause(start, x_send, send_splits)
-        local_ids = self._local_ids(recv_counts)                                  # [Rr]
+        local_ids = self._local_ids(recv_counts, x_recv.shape[0])                 # [Rr]
         per_expert = [sum(recv_host[r * mine + e] for r in range(n)) for e in range(mine)]
         y_recv = run_experts(x_recv, local_ids, per_expert)                       # [Rr, H]
         start = self._start()
@@ -126,14 +126,14 @@ class ExpertParallel:
         self._pause(start, y_recv, recv_splits)
         return y_back
 
-    def _local_ids(self, recv_counts: torch.Tensor) -> torch.Tensor:
+    def _local_ids(self, recv_counts: torch.Tensor, total: int) -> torch.Tensor:
         # rows arrive as [source rank][local expert]: expert e repeated recv_counts[src, e] times
         mine = self.placement.sizes[self.rank]
         pattern = self._recv_expert_ids.get(mine)
         if pattern is None or pattern.device != recv_counts.device:
             pattern = torch.arange(mine, device=recv_counts.device).repeat(self.num_ranks)  # [N * E_loc]
             self._recv_expert_ids[mine] = pattern
-        return pattern.repeat_interleave(recv_counts)
+        return pattern.repeat_interleave(recv_counts, output_size=total)   # output_size: no device sync
 
     # ---- timing: always on (two perf_counter calls per collective), read by scripts/bench_ep.py ----
     def _start(self) -> float:

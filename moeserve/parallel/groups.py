@@ -6,6 +6,8 @@ Two groups over the same ranks:
 - control: gloo, carries rank 0's step messages. Workers wait on it between steps for as long as
   the server stays idle, so its timeout is long; a dead rank 0 still ends the wait at once (the
   connection closes).
+- reply: gloo, the ranks' answers to rank 0 (sampled tokens, expert totals), with --ep-timeout:
+  rank 0 never waits longer than that for a rank that vanished without closing its connection.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Rendezvous:
 class Groups:
     compute: dist.ProcessGroup
     control: dist.ProcessGroup
+    reply: dist.ProcessGroup
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -53,7 +56,8 @@ def init_groups(rdv: Rendezvous) -> Groups:
     dist.init_process_group(rdv.backend, init_method=rdv.init_method, world_size=rdv.world_size,
                             rank=rdv.rank, timeout=timedelta(seconds=rdv.timeout_s))
     control = dist.new_group(backend="gloo", timeout=_IDLE_FOREVER)
-    return Groups(compute=dist.group.WORLD, control=control)
+    reply = dist.new_group(backend="gloo", timeout=timedelta(seconds=rdv.timeout_s))
+    return Groups(compute=dist.group.WORLD, control=control, reply=reply)
 
 
 def destroy_groups() -> None:

@@ -3,11 +3,12 @@
 Rank 0 (the server process) and every worker process build their rank with build_rank(); workers
 then loop in serve_steps() until rank 0 says Shutdown or goes away.
 
-Messages travel on the control group (broadcast_object_list from rank 0; gather_object back):
-- allreduce mode: StepMessage.seqs[0] is the whole batch without sampling state; every rank runs
-  all of it (attention replicated), only rank 0 samples, nothing comes back.
-- alltoall mode: StepMessage.seqs[r] are the sequences whose KV blocks live on rank r (rank 0's
-  own list travels empty); each rank samples its own and sends (outputs, expert totals) back.
+Messages travel on the control group, answers on the reply group (gather_object to rank 0):
+- allreduce mode: one StepMessage broadcast to all, `seqs` the whole batch without sampling
+  state; every rank runs all of it (attention replicated), only rank 0 samples, nothing comes back.
+- alltoall mode: each rank gets its own StepMessage (scatter_object_list), `seqs` the sequences
+  whose KV blocks live on it; it samples them and sends the outputs back.
+- seqs None is a query between steps: every rank answers (outputs [], expert totals, CommStats).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class RankSpec:
 
 @dataclass(slots=True)
 class StepMessage:
-    seqs: list[list[ScheduledSeq]] | None   # None: no step, a query: every rank replies
+    seqs: list[ScheduledSeq] | None          # None: no step, a query: every rank replies
     want_totals: bool = False                # alltoall: reply with this rank's expert totals
 
 
@@ -130,19 +131,32 @@ def serve_steps(rank: RankRunner, groups: Groups) -> None:
     """A worker's loop: one message from rank 0 per step, until Shutdown."""
     while True:
         box: list = [None]
-        dist.broadcast_object_list(box, src=0, group=groups.control)
+        if rank.spec.mode == "allreduce":
+            dist.broadcast_object_list(box, src=0, group=groups.control)
+        else:
+            dist.scatter_object_list(box, None, src=0, group=groups.control)
         message = box[0]
         if isinstance(message, Shutdown):
             return
         if message.seqs is None:       # a query between steps
             totals = rank.expert_totals() if message.want_totals else None
-            dist.gather_object(([], totals, rank.ep.stats), None, dst=0, group=groups.control)
+            dist.gather_object(([], totals, rank.ep.stats), None, dst=0, group=groups.reply)
         elif rank.spec.mode == "allreduce":
-            rank.run_whole_batch(message.seqs[0])
+            rank.run_whole_batch(message.seqs)
         else:
-            dist.gather_object(rank.run_own(message.seqs[rank.rank]), None, dst=0, group=groups.control)
+            dist.gather_object(rank.run_own(message.seqs), None, dst=0, group=groups.reply)
 
 
 def slim(seq: ScheduledSeq) -> ScheduledSeq:
     """What a rank that does not sample needs of a sequence: tokens, positions, blocks."""
     return ScheduledSeq(seq.seq_id, seq.token_ids, seq.start_pos, seq.block_table, False, None, [], [])
+
+
+def for_sampling(seq: ScheduledSeq) -> ScheduledSeq:
+    """What a rank that samples needs: the prompt only for a repetition penalty (it can be long),
+    the outputs for penalties, min_tokens and seeded generators (their count is the position)."""
+    if not seq.sample:
+        return slim(seq)
+    prompt = seq.prompt_token_ids if seq.sampling.repetition_penalty != 1.0 else []
+    return ScheduledSeq(seq.seq_id, seq.token_ids, seq.start_pos, seq.block_table, True, seq.sampling,
+                        seq.output_token_ids, prompt, seq.seed_offset)

