@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 _IDLE_FOREVER = timedelta(days=365)
+_RENDEZVOUS_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 def init_groups(rdv: Rendezvous) -> Groups:
     if rdv.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(rdv.device))
+    # The rendezvous waits for ranks still importing torch or starting on other nodes: its timeout
+    # is generous; the step timeout applies to the groups created after it.
     dist.init_process_group(rdv.backend, init_method=rdv.init_method, world_size=rdv.world_size,
-                            rank=rdv.rank, timeout=timedelta(seconds=rdv.timeout_s))
+                            rank=rdv.rank, timeout=timedelta(seconds=max(rdv.timeout_s, _RENDEZVOUS_S)))
+    step_timeout = timedelta(seconds=rdv.timeout_s)
+    compute = dist.new_group(backend=rdv.backend, timeout=step_timeout)
     control = dist.new_group(backend="gloo", timeout=_IDLE_FOREVER)
-    reply = dist.new_group(backend="gloo", timeout=timedelta(seconds=rdv.timeout_s))
-    return Groups(compute=dist.group.WORLD, control=control, reply=reply)
+    reply = dist.new_group(backend="gloo", timeout=step_timeout)
+    return Groups(compute=compute, control=control, reply=reply)
 
 
 def destroy_groups() -> None:

@@ -139,10 +139,14 @@ def _stream(url: str, errors: list, started: threading.Event) -> None:
         errors.append(repr(exc))
 
 
-@pytest.mark.parametrize("mode, busy", [("alltoall", True), ("allreduce", False)])
-def test_killed_worker_ends_the_server(builtin_dir, tmp_path, mode, busy):
+# SIGKILL: the watchdog sees the dead process. SIGSTOP: the worker is alive but silent, so only the
+# collective timeout (--ep-timeout 3) can notice; health must turn within that plus 5 s.
+@pytest.mark.parametrize("mode, busy, sig, timeout", [("alltoall", True, signal.SIGKILL, 120),
+                                                      ("allreduce", False, signal.SIGKILL, 120),
+                                                      ("alltoall", True, signal.SIGSTOP, 3)])
+def test_lost_worker_ends_the_server(builtin_dir, tmp_path, mode, busy, sig, timeout):
     server = LiveServer(f"kill-{mode}", builtin_dir, builtin_dir.parent, tmp_path,
-                        ["--ep-size", "2", "--ep-dispatch", mode]).ready()
+                        ["--ep-size", "2", "--ep-dispatch", mode, "--ep-timeout", str(timeout)]).ready()
     try:
         workers = _worker_pids(server.proc.pid)
         assert len(workers) == 1, f"expected one worker process, found {workers}"
@@ -157,16 +161,17 @@ def test_killed_worker_ends_the_server(builtin_dir, tmp_path, mode, busy):
             assert started.wait(60), "no stream started"
             time.sleep(0.5)
         killed_at = time.monotonic()
-        os.kill(workers[0], signal.SIGKILL)
+        os.kill(workers[0], sig)
+        limit = 5.0 if sig == signal.SIGKILL else timeout + 5.0
         unhealthy = None
-        while time.monotonic() - killed_at < 5.0 and unhealthy is None:
+        while time.monotonic() - killed_at < limit and unhealthy is None:
             try:
                 if httpx.get(server.url + "/health", timeout=1).status_code == 503:
                     unhealthy = time.monotonic() - killed_at
             except httpx.TransportError:
                 unhealthy = time.monotonic() - killed_at    # already gone: not serving either
             time.sleep(0.05)
-        assert unhealthy is not None, "health never turned 503 within 5 s"
+        assert unhealthy is not None, f"health never turned 503 within {limit:.0f} s:\n{server.log()}"
         code = server.proc.wait(timeout=30)
         assert code != 0
         for t in threads:
@@ -177,6 +182,8 @@ def test_killed_worker_ends_the_server(builtin_dir, tmp_path, mode, busy):
         assert not left, f"processes left behind: {left}"
     finally:
         server.stop()
+        for pid in _worker_pids(server.proc.pid) if server.proc.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_two_nodes_rendezvous_like_torchrun(builtin_dir, tmp_path):
