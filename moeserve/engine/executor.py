@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from moeserve.engine.batch import ScheduledBatch, ScheduledSeq, SeqOutput, StepOutput
 from moeserve.errors import MoEServeError
+from moeserve.parallel import messages
 from moeserve.parallel.expert_parallel import CommStats
 from moeserve.parallel.groups import Groups, destroy_groups, init_groups
 from moeserve.parallel.rank import RankRunner, RankSpec, Shutdown, StepMessage, build_rank, for_sampling, slim
@@ -60,6 +62,7 @@ class EPExecutor:
         rank 0 once the process groups exist."""
         self.spec = specs[0]
         self.mode = self.spec.mode
+        self._timeout = timedelta(seconds=self.spec.rendezvous.timeout_s)
         self.world_size = len(specs)
         self.failure: BaseException | None = None
         self.on_failure: Callable[[], None] | None = None    # wakes the engine loop
@@ -134,13 +137,9 @@ class EPExecutor:
         return per_rank
 
     def _send(self, message: object) -> None:
-        """allreduce: one message for every rank; alltoall: a list, one message per rank (or one
-        object that every rank gets)."""
-        if self.mode == "allreduce":
-            dist.broadcast_object_list([message], src=0, group=self.groups.control)
-            return
-        messages = message if isinstance(message, list) else [message] * self.world_size
-        dist.scatter_object_list([None], messages, src=0, group=self.groups.control)
+        """message: one for every worker, or a list with one per rank (rank 0's is skipped)."""
+        per_rank = message if isinstance(message, list) else [message] * self.world_size
+        messages.send(self.groups.control, dict(enumerate(per_rank[1:], start=1)), self._timeout)
 
     def _gather(self, mine: object) -> list:
         gathered = [None] * self.world_size

@@ -3,11 +3,12 @@
 Rank 0 (the server process) and every worker process build their rank with build_rank(); workers
 then loop in serve_steps() until rank 0 says Shutdown or goes away.
 
-Messages travel on the control group, answers on the reply group (gather_object to rank 0):
-- allreduce mode: one StepMessage broadcast to all, `seqs` the whole batch without sampling
+Messages travel on the control group (parallel/messages.py), answers on the reply group
+(gather_object to rank 0):
+- allreduce mode: every rank gets the same StepMessage, `seqs` the whole batch without sampling
   state; every rank runs all of it (attention replicated), only rank 0 samples, nothing comes back.
-- alltoall mode: each rank gets its own StepMessage (scatter_object_list), `seqs` the sequences
-  whose KV blocks live on it; it samples them and sends the outputs back.
+- alltoall mode: each rank gets its own StepMessage, `seqs` the sequences whose KV blocks live on
+  it; it samples them and sends the outputs back.
 - seqs None is a query between steps: every rank answers (outputs [], expert totals, CommStats).
 """
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from moeserve.engine.batch import ScheduledBatch, ScheduledSeq, SeqOutput
 from moeserve.models.loader import load_model
 from moeserve.parallel.expert_parallel import CommStats, Dispatch, ExpertParallel, ExpertPlacement
+from moeserve.parallel import messages
 from moeserve.parallel.groups import Groups, Rendezvous
 from moeserve.worker.model_runner import ModelRunner
 from moeserve.worker.sampler import Sampler
@@ -130,12 +132,7 @@ def build_rank(spec: RankSpec, groups: Groups) -> RankRunner:
 def serve_steps(rank: RankRunner, groups: Groups) -> None:
     """A worker's loop: one message from rank 0 per step, until Shutdown."""
     while True:
-        box: list = [None]
-        if rank.spec.mode == "allreduce":
-            dist.broadcast_object_list(box, src=0, group=groups.control)
-        else:
-            dist.scatter_object_list(box, None, src=0, group=groups.control)
-        message = box[0]
+        message = messages.receive(groups.control)
         if isinstance(message, Shutdown):
             return
         if message.seqs is None:       # a query between steps
