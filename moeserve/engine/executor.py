@@ -14,10 +14,9 @@ import threading
 from datetime import timedelta
 from typing import Callable
 
-import torch
 import torch.distributed as dist
 
-from moeserve.engine.batch import ScheduledBatch, ScheduledSeq, SeqOutput, StepOutput
+from moeserve.engine.batch import ScheduledBatch, ScheduledSeq, StepOutput
 from moeserve.errors import MoEServeError
 from moeserve.parallel import messages
 from moeserve.parallel.expert_parallel import CommStats
@@ -102,10 +101,10 @@ class EPExecutor:
         self._check()
         with self._failing_on_error():
             if self.mode == "allreduce":
-                self._send(StepMessage([slim(s) for s in batch.seqs]))
+                self._send_all(StepMessage([slim(s) for s in batch.seqs]))
                 return self.runner.execute(batch)
             per_rank = self._split(batch.seqs)
-            self._send([StepMessage(None)] + [StepMessage([for_sampling(s) for s in seqs]) for seqs in per_rank[1:]])
+            self._send_each([StepMessage([for_sampling(s) for s in seqs]) for seqs in per_rank[1:]])
             gathered = self._gather(self.rank.run_own(per_rank[0]))
         by_seq = {out.seq_id: out for outs in gathered for out in outs}
         return StepOutput(outputs=[by_seq[s.seq_id] for s in batch.seqs if s.sample])
@@ -125,7 +124,7 @@ class EPExecutor:
         """Between steps: every rank replies with (_, its expert totals if asked, its CommStats)."""
         self._check()
         with self._failing_on_error():
-            self._send(StepMessage(None, want_totals=own_totals is not None))
+            self._send_all(StepMessage(None, want_totals=own_totals is not None))
             return self._gather(([], own_totals, self.rank.ep.stats))
 
     def _split(self, seqs: list[ScheduledSeq]) -> list[list[ScheduledSeq]]:
@@ -136,10 +135,12 @@ class EPExecutor:
             per_rank[seq.block_table[0] // blocks_per_rank].append(seq)
         return per_rank
 
-    def _send(self, message: object) -> None:
-        """message: one for every worker, or a list with one per rank (rank 0's is skipped)."""
-        per_rank = message if isinstance(message, list) else [message] * self.world_size
-        messages.send(self.groups.control, dict(enumerate(per_rank[1:], start=1)), self._timeout)
+    def _send_all(self, message: object) -> None:
+        self._send_each([message] * (self.world_size - 1))
+
+    def _send_each(self, per_worker: list) -> None:
+        """per_worker[i] goes to rank i + 1."""
+        messages.send(self.groups.control, dict(enumerate(per_worker, start=1)), self._timeout)
 
     def _gather(self, mine: object) -> list:
         gathered = [None] * self.world_size
@@ -179,7 +180,7 @@ class EPExecutor:
         self._closing.set()
         if self.failure is None:
             try:
-                self._send(Shutdown())
+                self._send_all(Shutdown())
             except (RuntimeError, ValueError) as exc:
                 log.warning("could not tell the workers to stop: %s", exc)
         for proc in self.procs:

@@ -69,10 +69,6 @@ class CommStats:
     seconds: float = 0.0
     bytes_sent: int = 0          # payload handed to the collectives (hidden rows and partial sums)
     bytes_remote: int = 0        # of which left this rank
-    calls: int = 0
-
-    def reset(self) -> None:
-        self.seconds, self.bytes_sent, self.bytes_remote, self.calls = 0.0, 0, 0, 0
 
 
 @dataclass
@@ -83,8 +79,8 @@ class ExpertParallel:
     rank: int
     placement: ExpertPlacement
     mode: Dispatch
-    stats: CommStats | None = None          # collective time and bytes; two perf_counter calls each
-    _recv_expert_ids: dict = field(default_factory=dict)
+    stats: CommStats = field(default_factory=CommStats)   # two perf_counter calls per collective
+    _recv_pattern: torch.Tensor | None = None             # [N * E_loc] local expert of each count
 
     @property
     def num_ranks(self) -> int:
@@ -92,11 +88,10 @@ class ExpertParallel:
 
     def all_reduce(self, partial: torch.Tensor) -> None:
         """allreduce mode: sums every rank's [T, H] share of the MoE output, in place."""
-        start = self._start()
+        start = time.perf_counter()
         dist.all_reduce(partial, group=self.group)
-        if self.stats is not None:
-            nbytes = partial.numel() * partial.element_size()
-            self._stop(start, nbytes, nbytes)
+        nbytes = partial.numel() * partial.element_size()
+        self._record(start, nbytes, nbytes)
 
     def exchange(self, x_send: torch.Tensor, expert_counts: torch.Tensor,
                  run_experts: Callable[[torch.Tensor, torch.Tensor, list[int]], torch.Tensor]) -> torch.Tensor:
@@ -104,7 +99,7 @@ class ExpertParallel:
         per expert -> [S, H] expert outputs for those rows, computed on the experts' owners.
         run_experts(rows [Rr, H], local_ids [Rr], rows_per_local_expert) computes this rank's share.
         A rank with no tokens calls this too, with S = 0: it still serves the others."""
-        start = self._start()
+        start = time.perf_counter()
         sizes, n, mine = self.placement.sizes, self.num_ranks, self.placement.sizes[self.rank]
         recv_counts = expert_counts.new_empty(n * mine)                            # [N * E_loc]
         dist.all_to_all_single(recv_counts, expert_counts, [mine] * n, sizes, group=self.group)
@@ -116,37 +111,29 @@ class ExpertParallel:
         hidden = x_send.shape[1]
         x_recv = x_send.new_empty(sum(recv_splits), hidden)                       # [Rr, H]
         dist.all_to_all_single(x_recv, x_send, recv_splits, send_splits, group=self.group)
-        self._pause(start, x_send, send_splits)
+        self._record_rows(start, x_send, send_splits)
         local_ids = self._local_ids(recv_counts, x_recv.shape[0])                 # [Rr]
         per_expert = [sum(recv_host[r * mine + e] for r in range(n)) for e in range(mine)]
         y_recv = run_experts(x_recv, local_ids, per_expert)                       # [Rr, H]
-        start = self._start()
+        start = time.perf_counter()
         y_back = x_send.new_empty(x_send.shape)                                   # [S, H]
         dist.all_to_all_single(y_back, y_recv, send_splits, recv_splits, group=self.group)
-        self._pause(start, y_recv, recv_splits)
+        self._record_rows(start, y_recv, recv_splits)
         return y_back
 
     def _local_ids(self, recv_counts: torch.Tensor, total: int) -> torch.Tensor:
         # rows arrive as [source rank][local expert]: expert e repeated recv_counts[src, e] times
-        mine = self.placement.sizes[self.rank]
-        pattern = self._recv_expert_ids.get(mine)
-        if pattern is None or pattern.device != recv_counts.device:
-            pattern = torch.arange(mine, device=recv_counts.device).repeat(self.num_ranks)  # [N * E_loc]
-            self._recv_expert_ids[mine] = pattern
-        return pattern.repeat_interleave(recv_counts, output_size=total)   # output_size: no device sync
+        if self._recv_pattern is None or self._recv_pattern.device != recv_counts.device:
+            mine = self.placement.sizes[self.rank]
+            self._recv_pattern = torch.arange(mine, device=recv_counts.device).repeat(self.num_ranks)
+        return self._recv_pattern.repeat_interleave(recv_counts, output_size=total)   # no device sync
 
-    # ---- timing: always on (two perf_counter calls per collective), read by scripts/bench_ep.py ----
-    def _start(self) -> float:
-        return time.perf_counter() if self.stats is not None else 0.0
+    # ---- accounting, read by scripts/bench_ep.py ----
+    def _record(self, start: float, nbytes: int, remote: int) -> None:
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.bytes_sent += nbytes
+        self.stats.bytes_remote += remote
 
-    def _stop(self, start: float, nbytes: int, remote: int) -> None:
-        stats = self.stats
-        stats.seconds += time.perf_counter() - start
-        stats.bytes_sent += nbytes
-        stats.bytes_remote += remote
-        stats.calls += 1
-
-    def _pause(self, start: float, sent: torch.Tensor, splits: list[int]) -> None:
-        if self.stats is not None:
-            row = sent.shape[1] * sent.element_size() if sent.dim() == 2 else 0
-            self._stop(start, sum(splits) * row, (sum(splits) - splits[self.rank]) * row)
+    def _record_rows(self, start: float, sent: torch.Tensor, splits: list[int]) -> None:
+        row = sent.shape[1] * sent.element_size()                   # sent [rows, H]
+        self._record(start, sum(splits) * row, (sum(splits) - splits[self.rank]) * row)

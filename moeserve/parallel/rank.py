@@ -14,7 +14,6 @@ Messages travel on the control group (parallel/messages.py), answers on the repl
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +21,11 @@ import torch.distributed as dist
 
 from moeserve.engine.batch import ScheduledBatch, ScheduledSeq, SeqOutput
 from moeserve.models.loader import load_model
-from moeserve.parallel.expert_parallel import CommStats, Dispatch, ExpertParallel, ExpertPlacement
+from moeserve.parallel.expert_parallel import Dispatch, ExpertParallel, ExpertPlacement
 from moeserve.parallel import messages
 from moeserve.parallel.groups import Groups, Rendezvous
 from moeserve.worker.model_runner import ModelRunner
 from moeserve.worker.sampler import Sampler
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,7 +119,7 @@ def build_rank(spec: RankSpec, groups: Groups) -> RankRunner:
     model.set_capacity(spec.capacity_factor, spec.min_capacity, spec.drop_policy)
     # allreduce: every rank routes every token, so rank 0's counts are already the global ones.
     model.count_experts = rank == 0 or spec.mode == "alltoall"
-    ep = ExpertParallel(groups.compute, rank, placement, spec.mode, CommStats())
+    ep = ExpertParallel(groups.compute, rank, placement, spec.mode)
     model.attach_expert_parallel(ep)
     sampler = Sampler(spec.eos_token_ids, seed=spec.seed, device=device)
     runner = ModelRunner(model, spec.num_kv_blocks, spec.block_size, spec.dtype, device, sampler)

@@ -173,29 +173,22 @@ def test_impossible_limits_are_rejected(kwargs: dict) -> None:
 
 # --- routing_from_hf: the HF config.json -> RoutingConfig mapping gives the same routes ------------
 
-@pytest.mark.parametrize("name", sorted(V2_CASES))
-def test_routing_from_hf_deepseek_v2(name: str) -> None:
-    from moeserve.models.config import routing_from_hf
-    config = hf.DeepseekV2Config(hidden_size=H, **V2_CASES[name])
-    router = DeepseekV2TopkRouter(config).eval()
-    x = _randomise_(router, seed=7)
-    with torch.no_grad():
-        _, hf_weights, hf_ids = router(x)
-        ours = route(router_logits(router, x), routing_from_hf(config.to_dict()))
-    _assert_same_routes(ours, hf_ids, hf_weights, V2_CASES[name]["n_routed_experts"])
+_HF_ROUTERS = {"v2": (hf.DeepseekV2Config, DeepseekV2TopkRouter, V2_CASES, 7),
+               "v3": (hf.DeepseekV3Config, DeepseekV3TopkRouter, V3_CASES, 11)}
 
 
-@pytest.mark.parametrize("name", sorted(V3_CASES))
-def test_routing_from_hf_deepseek_v3(name: str) -> None:
+@pytest.mark.parametrize("version, name", [(v, n) for v, (_, _, cases, _) in _HF_ROUTERS.items() for n in sorted(cases)])
+def test_routing_from_hf_deepseek(version: str, name: str) -> None:
     from moeserve.models.config import routing_from_hf
-    config = hf.DeepseekV3Config(hidden_size=H, **V3_CASES[name])
-    router = DeepseekV3TopkRouter(config).eval()
-    x = _randomise_(router, seed=11)
+    config_cls, router_cls, cases, seed = _HF_ROUTERS[version]
+    config = config_cls(hidden_size=H, **cases[name])
+    router = router_cls(config).eval()
+    x = _randomise_(router, seed=seed)
+    bias = getattr(router, "e_score_correction_bias", None)     # V3 only: steers the choice
     with torch.no_grad():
         _, hf_weights, hf_ids = router(x)
-        ours = route(router_logits(router, x), routing_from_hf(config.to_dict()),
-                     score_bias=router.e_score_correction_bias)
-    _assert_same_routes(ours, hf_ids, hf_weights, V3_CASES[name]["n_routed_experts"])
+        ours = route(router_logits(router, x), routing_from_hf(config.to_dict()), score_bias=bias)
+    _assert_same_routes(ours, hf_ids, hf_weights, cases[name]["n_routed_experts"])
 
 
 def router_logits(router: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
