@@ -35,6 +35,9 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "log-level": (str, "debug | info | warning | error"),
     "capacity-factor": (float, "cap each expert at ceil(T/E * factor * k) routes per MoE layer and step (default: dropless)"),
     "min-capacity": (int, "lower bound of that cap (default 4)"),
+    "quantization": (str, "int8: store expert, shared-expert, dense and attention weights as int8 "
+                           "(per-channel scales; CPU kernels: oneDNN with AMX, else fbgemm)"),
+    "quantize-lm-head": (bool, "with --quantization: the lm_head too (YAML: quantize_lm_head: true)"),
     "drop-policy": (str, "which routes a full expert drops: position (latest tokens) | probs (lowest scores)"),
     "expert-metrics": (str, "full (per layer and expert) | summary (per expert, for huge models) | off"),
     "ep-size": (int, "expert-parallel ranks: one process per device, each holding 1/N of the experts (default: visible GPUs, else 1)"),
@@ -57,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the built-in model)")
     serve.add_argument("--config", type=Path, help="YAML file with the same keys as the flags")
     for flag, (kind, help_text) in _FLAGS.items():
-        serve.add_argument(f"--{flag}", type=kind, default=None, help=help_text)
+        if kind is bool:
+            serve.add_argument(f"--{flag}", action="store_true", default=None, help=help_text)
+        else:
+            serve.add_argument(f"--{flag}", type=kind, default=None, help=help_text)
     return parser
 
 

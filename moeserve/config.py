@@ -42,6 +42,8 @@ class EngineConfig:
     capacity_factor: float | None = None     # None = dropless (the checkpoint's own behaviour)
     min_capacity: int = 4
     drop_policy: Literal["position", "probs"] = "position"
+    quantization: Literal["int8"] | None = None   # int8: linears stored int8 (CPU kernels)
+    quantize_lm_head: bool = False           # with --quantization: the lm_head too
     # expert parallelism (see moeserve/parallel/); ep_size None = the number of visible GPUs, else 1
     ep_size: int | None = None
     ep_dispatch: Literal["alltoall", "allreduce"] = "alltoall"   # measured: see README, Expert parallelism
@@ -59,6 +61,10 @@ class EngineConfig:
             raise ConfigError(f"--capacity-factor must be > 0, got {self.capacity_factor}")
         _positive_int("min_capacity", self.min_capacity)
         _choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.quantization is not None:
+            _choice("quantization", self.quantization, ("int8",))
+        if self.quantize_lm_head and self.quantization is None:
+            raise ConfigError("--quantize-lm-head needs --quantization (int8)")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             _positive_int(name, getattr(self, name))

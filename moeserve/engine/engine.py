@@ -46,6 +46,9 @@ class Engine:
         self.model_config = MoEModelConfig.from_dir(self.model_dir)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.model_config.dtype, self.device)
+        if config.quantization is not None and self.device.type != "cpu":
+            raise ConfigError(f"--quantization {config.quantization} runs on CPU kernels only (oneDNN / fbgemm); "
+                              f"no {self.device.type} kernel is wired in: serve without it, or with --device cpu")
         if config.seed is not None:
             torch.manual_seed(config.seed)
         self.tokenizer = _load_tokenizer(self.model_dir)
@@ -120,7 +123,8 @@ class Engine:
     def _build_executor(self) -> LocalExecutor | EPExecutor:
         cfg = self.config
         if self.ep_size == 1:
-            model = load_model(self.model_dir, self.dtype, self.device)
+            model = load_model(self.model_dir, self.dtype, self.device, quantization=cfg.quantization,
+                               quantize_lm_head=cfg.quantize_lm_head)
             model.set_capacity(cfg.capacity_factor, cfg.min_capacity, cfg.drop_policy)
             sampler = Sampler(self.eos_token_ids, seed=cfg.seed, device=self.device)
             return LocalExecutor(ModelRunner(model, self.num_kv_blocks, cfg.block_size, self.dtype, self.device, sampler))

@@ -49,7 +49,8 @@ def rank_specs(cfg: EngineConfig, ep_size: int, model_dir: Path, dtype: torch.dt
         specs.append(RankSpec(
             rendezvous=rdv, model_dir=str(model_dir), dtype=dtype, mode=cfg.ep_dispatch, num_experts=num_experts,
             num_kv_blocks=num_kv_blocks, block_size=cfg.block_size, eos_token_ids=eos_token_ids, seed=cfg.seed,
-            capacity_factor=cfg.capacity_factor, min_capacity=cfg.min_capacity, drop_policy=cfg.drop_policy))
+            capacity_factor=cfg.capacity_factor, min_capacity=cfg.min_capacity, drop_policy=cfg.drop_policy,
+            quantization=cfg.quantization, quantize_lm_head=cfg.quantize_lm_head))
     return specs
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.layers.linear import Linear, linear
+from moeserve.layers.linear import Linear, PackedWeight, WeightFormat, linear, pack_weight
 from moeserve.layers.routing import Routing, RoutingConfig, route
 from moeserve.parallel.expert_parallel import ExpertParallel
 
@@ -39,33 +39,51 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_local, hidden, intermediate))
         self.first_expert = first_expert
         self.num_local = num_local
+        # After pack(): one packed weight per local expert, and w13 / w2 are None.
+        self.packed: dict[str, list[PackedWeight]] = {}
+
+    def pack(self, name: str, stacked: torch.Tensor, fmt: WeightFormat) -> None:
+        """Keeps w13 or w2 ([E_local, out, in]) only as one packed weight per expert."""
+        self.packed[name] = [pack_weight(w, fmt) for w in stacked]
+        setattr(self, name, None)
+
+    def _matmul(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        # x [n, in] -> [n, out] through expert e's w13 or w2
+        packed = self.packed.get(name)
+        return linear(x, getattr(self, name)[e]) if packed is None else packed[e](x)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         # x [T, H] -> [T, H]: sum over each token's routes of weight * expert(x)
-        k = routing.expert_ids.shape[1]
-        local_ids = routing.expert_ids.flatten() - self.first_expert              # [R]
-        is_local = (local_ids >= 0) & (local_ids < self.num_local)                # [R]
-        skip_some = not self.holds_all or routing.capacity_limited
-        if routing.capacity_limited:
-            is_local &= routing.kept.flatten()
-        # Routes owned by other ranks (or dropped) go to a sentinel group E_local, sorted last.
-        local_ids = torch.where(is_local, local_ids, self.num_local)
+        t, k = routing.expert_ids.shape
+        local_ids = self._local_ids(routing)                                      # [R], sentinel E_local
         order = local_ids.argsort(stable=True)                                    # [R] grouped by expert
-        token_of_route = order // k                                               # [R]
+        token_of_route = order.div(k, rounding_mode="floor")                      # [R]
+        x_sorted = x.index_select(0, token_of_route)                              # [R, H]
         group_sizes = torch.bincount(local_ids, minlength=self.num_local + 1)     # [E_local + 1]
-        x_sorted = x[token_of_route]                                              # [R, H]
         if x.device.type == "cpu":
             out_sorted = self._per_expert(x_sorted, group_sizes.tolist())         # host memory: no sync
         else:
             out_sorted = self._grouped(x_sorted, group_sizes)
-        weighted = out_sorted * routing.weights.flatten()[order, None].to(out_sorted.dtype)  # [R, H]
-        if skip_some and x.device.type != "cpu":
-            # grouped_mm leaves rows past the last local group (other ranks' or dropped routes)
-            # uninitialised; the CPU path zeroes them itself.
-            weighted = torch.where(is_local[order, None], weighted, 0.0)
-        out = torch.zeros_like(x)
-        out.index_add_(0, token_of_route, weighted)
-        return out
+            if not self.holds_all or routing.capacity_limited:
+                # grouped_mm leaves the rows past the last local group uninitialised (other
+                # ranks' or dropped routes); the CPU path zeroes them itself.
+                out_sorted = torch.where((local_ids[order] < self.num_local)[:, None], out_sorted, 0.0)
+        # Weighted sum in float32, routes back in token order: [R, H] -> [T, K, H] -> [T, H].
+        weighted = out_sorted.float().mul_(routing.weights.flatten()[order, None])
+        by_token = torch.empty_like(weighted).index_copy_(0, order, weighted)
+        return by_token.view(t, k, -1).sum(1).to(x.dtype)
+
+    def _local_ids(self, routing: Routing) -> torch.Tensor:
+        """[R] this rank's expert index of each route; E_local for routes owned by other ranks or
+        dropped by a capacity limit (they sort last and are not computed here)."""
+        ids = routing.expert_ids.flatten()
+        if self.holds_all and not routing.capacity_limited:
+            return ids
+        local_ids = ids - self.first_expert
+        is_local = (local_ids >= 0) & (local_ids < self.num_local)
+        if routing.capacity_limited:
+            is_local &= routing.kept.flatten()
+        return torch.where(is_local, local_ids, self.num_local)
 
     def run_rows(self, rows: torch.Tensor, local_ids: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
         """Unweighted expert outputs for rows another rank sent: rows [n, H], local_ids [n] in
@@ -96,8 +114,8 @@ class Experts(nn.Module):
         start = 0
         for e, n in enumerate(sizes[: self.num_local]):
             if n:
-                gate, up = linear(x_sorted[start:start + n], self.w13[e]).chunk(2, dim=-1)  # [n, I] x2
-                out[start:start + n] = linear(F.silu(gate).mul_(up), self.w2[e])           # [n, H]
+                gate, up = self._matmul("w13", e, x_sorted[start:start + n]).chunk(2, dim=-1)  # [n, I] x2
+                out[start:start + n] = self._matmul("w2", e, F.silu(gate).mul_(up))            # [n, H]
                 start += n
         out[start:].zero_()           # routes of other ranks' or dropped experts
         return out

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from moeserve.errors import CheckpointError
 from moeserve.models.config import MoEModelConfig
 from moeserve.models.registry import model_class
+from moeserve.models.weight_conversion import WeightConversion, materialize_buffers, plan_conversion
 from moeserve.models.weight_names import WEIGHT_NAMES, WeightNames
 
 log = logging.getLogger(__name__)
@@ -81,32 +82,40 @@ class CheckpointReader:
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
                first_expert: int = 0, num_local_experts: int | None = None,
-               progress: bool = True) -> torch.nn.Module:
-    """Builds the model for model_dir and fills it from the checkpoint.
+               progress: bool = True, quantization: str | None = None,
+               quantize_lm_head: bool = False, pack: bool = True) -> torch.nn.Module:
+    """Builds the model for model_dir and fills it from the checkpoint, one tensor at a time.
 
     Only experts [first_expert, first_expert + num_local_experts) are read (all when None).
+    Weights go into the fastest kernel layout this machine has (`pack=False`: plain tensors,
+    for inspection); `quantization="int8"` stores the linears as int8 (see weight_conversion).
     """
     model_dir = Path(model_dir)
+    device = torch.device(device)
     cfg = MoEModelConfig.from_dir(model_dir)
     cls = model_class(cfg.architecture)
     with torch.device("meta"):
         model = cls(cfg, first_expert=first_expert, num_local_experts=num_local_experts)
-    model = model.to_empty(device=device).to(dtype)
-    model.tie_weights()   # to_empty gives tied parameters separate storage; tie them again before loading
+    if pack or quantization:
+        conversion = plan_conversion(model, dtype, device, quantization, quantize_lm_head)
+    else:
+        conversion = WeightConversion(dtype, device)
     reader = _open_reader(model_dir)
     names = WEIGHT_NAMES[cfg.architecture]
     try:
-        params = list(model.named_parameters())
+        params = list(model.named_parameters())    # a tied lm_head is listed once, as embed
         for name, param in tqdm(params, desc="Loading weights", unit="tensor", disable=not progress):
             tensor = _read_param(reader, names, name, model)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CheckpointError(
                     f"{model_dir}: tensor for {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-            with torch.no_grad():
-                param.copy_(tensor)
+            conversion.place(model, name, tensor)
     finally:
         reader.close()
+    materialize_buffers(model, dtype, device)
     model.post_load()
+    if cfg.tie_word_embeddings and "lm_head.weight" in conversion.formats:
+        conversion.place(model, "lm_head.weight", model.embed.weight)   # its own packed copy
     return model.eval()
 
 

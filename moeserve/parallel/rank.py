@@ -45,6 +45,8 @@ class RankSpec:
     capacity_factor: float | None
     min_capacity: int
     drop_policy: str
+    quantization: str | None = None
+    quantize_lm_head: bool = False
 
 
 @dataclass(slots=True)
@@ -115,7 +117,8 @@ def build_rank(spec: RankSpec, groups: Groups) -> RankRunner:
     device = torch.device(spec.rendezvous.device)
     placement = ExpertPlacement(spec.num_experts, spec.rendezvous.world_size)
     experts = placement.experts_of(rank)
-    model = load_model(spec.model_dir, spec.dtype, device, experts.start, len(experts), progress=rank == 0)
+    model = load_model(spec.model_dir, spec.dtype, device, experts.start, len(experts), progress=rank == 0,
+                       quantization=spec.quantization, quantize_lm_head=spec.quantize_lm_head)
     model.set_capacity(spec.capacity_factor, spec.min_capacity, spec.drop_policy)
     # allreduce: every rank routes every token, so rank 0's counts are already the global ones.
     model.count_experts = rank == 0 or spec.mode == "alltoall"

@@ -1,0 +1,74 @@
+"""The one place a checkpoint tensor becomes a served weight: dtype conversion, then either a plain
+parameter or a kernel's packed layout (int8, oneDNN bf16).
+
+The loader hands over one tensor at a time, as it reads it, so the float copy of a packed weight
+never exists beside the packed one: peak memory is the served model plus the tensor in flight.
+Checkpoint-side conversions (dequantizing FP8 / MXFP4 blocks) belong here too, before `place`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moeserve.layers.linear import Linear, WeightFormat, choose_format
+from moeserve.layers.moe import Experts
+
+QUANTIZATIONS = ("int8",)
+# Linears that stay in full precision under --quantization: routers pick experts from small
+# logit differences, and the shared-expert gate is one row.
+_FULL_PRECISION = ("router", "shared_gate")
+
+
+@dataclass(frozen=True)
+class WeightConversion:
+    dtype: torch.dtype                       # of every tensor kept as a parameter or buffer
+    device: torch.device
+    formats: dict[str, WeightFormat] = field(default_factory=dict)   # parameter name -> packed format
+
+    def place(self, model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        """Puts checkpoint tensor `tensor` where parameter `name` of `model` lives."""
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        fmt = self.formats.get(name)
+        if fmt is None:
+            value = tensor.to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else None)
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        elif isinstance(module, Experts):
+            module.pack(attr, tensor, fmt)
+        else:
+            module.pack(tensor, fmt)
+
+
+def plan_conversion(model: nn.Module, dtype: torch.dtype, device: torch.device,
+                    quantization: str | None = None, quantize_lm_head: bool = False) -> WeightConversion:
+    """Which parameters of `model` (still on the meta device) get which packed format."""
+    float_fmt = choose_format(dtype, device, quantize_int8=False)
+    quant_fmt = choose_format(dtype, device, quantize_int8=True) if quantization == "int8" else float_fmt
+    formats: dict[str, WeightFormat] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, Experts):
+            for attr in ("w13", "w2"):
+                formats[f"{module_name}.{attr}"] = quant_fmt
+        elif isinstance(module, Linear):
+            leaf = module_name.rpartition(".")[2]
+            if leaf in _FULL_PRECISION or module.out_features < 16:
+                fmt = float_fmt
+            elif leaf == "lm_head":
+                fmt = quant_fmt if quantize_lm_head else float_fmt
+            else:
+                fmt = quant_fmt
+            formats[f"{module_name}.weight"] = fmt
+    packed = {name: fmt for name, fmt in formats.items() if fmt is not WeightFormat.PLAIN}
+    return WeightConversion(dtype, device, packed)
+
+
+def materialize_buffers(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Meta buffers -> empty tensors on `device` (floating ones in `dtype`); post_load fills them."""
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.is_meta:
+                kind = dtype if buf.is_floating_point() else buf.dtype
+                module._buffers[key] = torch.empty(buf.shape, dtype=kind, device=device)
