@@ -40,6 +40,7 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None = None     # [B] int64 context length including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
     _decode_masks: dict = field(default_factory=dict)  # window -> [B, 1, 1, Lmax] bool, built once a step
+    rope_cache: dict = field(default_factory=dict)      # rotary cos/sin of `positions`, gathered once a step
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
         mask = self._decode_masks.get(window)
@@ -87,39 +88,45 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # x [T, H]; kv_cache [2, NB, BS, NKV, D]
-        q, k, v = self._project(x)                                   # [T, NH, D], [T, NKV, D] x2
-        q, k = self.rotary(meta.positions, q, k)
+        qk, v = self._project(x)                                     # [T, NH + NKV, D], [T, NKV, D]
+        qk = self.rotary(meta.positions, qk, meta.rope_cache)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, NH, D], [T, NKV, D]
         k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [NB*BS, NKV, D]
         v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         k_flat.index_copy_(0, meta.slot_mapping, k)
         v_flat.index_copy_(0, meta.slot_mapping, v)
-        out = torch.empty_like(q)                                    # [T, NH, D]
-        if meta.num_decodes:
-            out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], k_flat, v_flat, meta)
-        for chunk in meta.prefills:
-            out[chunk.q_start: chunk.q_end] = self._prefill(q, k, v, k_flat, v_flat, chunk)
-        return self.o(out.view(out.shape[0], -1))                    # [T, H]
+        if not meta.prefills:                                        # decode-only step: no copy
+            out = self._decode(q, k_flat, v_flat, meta)
+        else:
+            out = torch.empty_like(q)                                # [T, NH, D]
+            if meta.num_decodes:
+                out[: meta.num_decodes] = self._decode(q[: meta.num_decodes], k_flat, v_flat, meta)
+            for chunk in meta.prefills:
+                out[chunk.q_start: chunk.q_end] = self._prefill(q, k, v, k_flat, v_flat, chunk)
+        return self.o(out.reshape(out.shape[0], -1))                 # [T, H]
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        qkv = self.qkv(x)                                            # [T, (NH + 2 NKV) D]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        if self.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.clip_qkv is not None:
-            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = x.shape[0]
-        q = q.reshape(t, self.num_heads, self.head_dim)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv(x)                                            # [T, (NH + 2 NKV) D]
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "full":
+            q, k = qk.split([self.q_size, self.kv_size], dim=-1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=-1)
+        qk = qk.reshape(t, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.qk_norm == "per_head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        return q, k, v
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+        return qk, v.reshape(t, self.num_kv_heads, self.head_dim)
 
     def _decode(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         # q [B, NH, D] -> [B, NH, 1, D]; contexts gathered [B, Lmax, NKV, D] -> [B, NKV, Lmax, D]
-        keys = k_flat[meta.decode_slots].transpose(1, 2)
-        values = v_flat[meta.decode_slots].transpose(1, 2)
+        b, lmax = meta.decode_slots.shape
+        slots = meta.decode_slots.reshape(-1)                        # index_select: ~4x faster than [] here
+        keys = k_flat.index_select(0, slots).view(b, lmax, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = v_flat.index_select(0, slots).view(b, lmax, self.num_kv_heads, self.head_dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q[:, :, None, :], keys, values, attn_mask=meta.decode_mask(self.window),
             scale=self.scale, enable_gqa=True)
@@ -131,7 +138,8 @@ class Attention(nn.Module):
         if chunk.start_pos == 0:   # the whole context is this chunk: use it as computed
             keys, values = k[rows], v[rows]                          # [n, NKV, D]
         else:
-            keys, values = k_flat[chunk.context_slots], v_flat[chunk.context_slots]  # [L, NKV, D]
+            keys = k_flat.index_select(0, chunk.context_slots)      # [L, NKV, D]
+            values = v_flat.index_select(0, chunk.context_slots)
         n = chunk.q_end - chunk.q_start
         mask = prefill_mask(chunk.start_pos, n, self.window, q.device)
         out = F.scaled_dot_product_attention(

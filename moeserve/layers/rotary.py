@@ -85,11 +85,22 @@ class RotaryEmbedding(nn.Module):
         self.cos = (emb.cos() * scaling).to(self.cos.device)
         self.sin = (emb.sin() * scaling).to(self.sin.device)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [T]; q [T, NH, D]; k [T, NKV, D]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)     # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, step_cache: dict | None = None) -> torch.Tensor:
+        # positions [T]; x [T, heads, D] (queries and keys side by side: one pass for both)
+        cos, sin = self.lookup(positions, x.dtype, step_cache)  # [T, 1, D] x2
+        return x * cos + _rotate_half(x) * sin
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype,
+               step_cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D] of the step's positions; gathered once a step when given the step's cache."""
+        key = (id(self), dtype)
+        if step_cache is not None and key in step_cache:
+            return step_cache[key]
+        cos = self.cos.index_select(0, positions).unsqueeze(1).to(dtype)
+        sin = self.sin.index_select(0, positions).unsqueeze(1).to(dtype)
+        if step_cache is not None:
+            step_cache[key] = (cos, sin)
+        return cos, sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

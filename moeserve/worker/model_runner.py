@@ -97,7 +97,7 @@ class ModelRunner:
     def _decode_context(self, decodes: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor]:
         lens = [s.start_pos + 1 for s in decodes]
         slots = self._context_slots([s.block_table for s in decodes], max(lens))   # [B, Lmax]
-        return slots, self._tensor(lens)
+        return slots.contiguous(), self._tensor(lens)
 
     def _context_slots(self, tables: list[list[int]], length: int) -> torch.Tensor:
         """[len(tables), length] cache slots of positions 0..length-1 (padding rows point at block 0)."""

@@ -82,7 +82,7 @@ def test_rotation_matches_hf_apply(case: str) -> None:
     positions = torch.tensor([0, 1, 2, 17, 511, 4095])
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(6, 4, 64, generator=gen), torch.randn(6, 2, 64, generator=gen)   # [T, NH, D]
-    rq, rk = ours(positions, q, k)
+    rq, rk = ours(positions, torch.cat((q, k), dim=1)).split([4, 2], dim=1)   # one pass for q and k
     inv_freq, scaling = hf_frequencies(config)
     freqs = positions[:, None].float() * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)                                           # [T, D]
