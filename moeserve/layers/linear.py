@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import warnings
 
 import torch
@@ -78,6 +79,11 @@ def choose_format(dtype: torch.dtype, device: torch.device, quantize_int8: bool)
         return WeightFormat.PLAIN
     if quantize_int8:
         engines = torch.backends.quantized.supported_engines
+        forced = os.environ.get("MOESERVE_INT8_KERNEL")     # fbgemm | onednn: for benchmarks
+        if forced:
+            if forced not in engines or forced not in ("fbgemm", "onednn"):
+                raise ValueError(f"MOESERVE_INT8_KERNEL={forced}: this torch has {engines}")
+            return WeightFormat.INT8_ONEDNN if forced == "onednn" else WeightFormat.INT8_FBGEMM
         if cpu_has_amx_int8() and "onednn" in engines:
             return WeightFormat.INT8_ONEDNN
         if "fbgemm" in engines:
