@@ -12,8 +12,11 @@ machine by `choose_format` from what was measured (scripts/bench_linear_kernels.
 - bfloat16 without bf16 instructions: emulated row by row; from 8 rows computing in float32 (the
   weight upcast per call) is 1.4x faster at 8 rows and 4x at 64.
 - int8 (--quantization int8): per-output-channel symmetric int8 weights, activations quantized
-  per call (torch.ops.quantized.linear_dynamic). oneDNN's kernel on CPUs with AMX-INT8 (1.3-3.5x
-  fbgemm's from 32 rows, within 20% below), fbgemm elsewhere (3-10x float32 on AVX2).
+  per call (torch.ops.quantized.linear_dynamic), fbgemm's kernel on every x86 CPU (3-10x float32
+  on AVX2). On AMX-INT8 CPUs oneDNN's kernel is 1.3-4x faster from 32 rows (prefill) but slower
+  at the 1-16 rows of decode, and its packed weight keeps a second int8 copy: served end to end
+  on the bench model, fbgemm gave 61 tok/s at 1 stream and 234 at 16 with 1.36 GiB RSS, oneDNN
+  48 and 227 with 2.45 GiB. MOESERVE_INT8_KERNEL=onednn picks oneDNN anyway (for benchmarks).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.cpu_features import cpu_has_amx_int8, cpu_has_fast_bf16, cpu_has_vnni
+from moeserve.cpu_features import cpu_has_fast_bf16, cpu_has_vnni
 
 
 def _onednn_linear():
@@ -63,7 +66,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class WeightFormat(enum.Enum):
     PLAIN = "plain"              # a tensor, computed by `linear`
     ONEDNN_BF16 = "onednn_bf16"  # bf16 reordered for oneDNN (CPUs with bf16 instructions)
-    INT8_ONEDNN = "int8_onednn"  # int8, oneDNN kernel (CPUs with AMX-INT8)
+    INT8_ONEDNN = "int8_onednn"  # int8, oneDNN kernel (MOESERVE_INT8_KERNEL=onednn)
     INT8_FBGEMM = "int8_fbgemm"  # int8, fbgemm kernel (any x86 CPU with AVX2)
 
     @property
@@ -84,8 +87,6 @@ def choose_format(dtype: torch.dtype, device: torch.device, quantize_int8: bool)
             if forced not in engines or forced not in ("fbgemm", "onednn"):
                 raise ValueError(f"MOESERVE_INT8_KERNEL={forced}: this torch has {engines}")
             return WeightFormat.INT8_ONEDNN if forced == "onednn" else WeightFormat.INT8_FBGEMM
-        if cpu_has_amx_int8() and "onednn" in engines:
-            return WeightFormat.INT8_ONEDNN
         if "fbgemm" in engines:
             return WeightFormat.INT8_FBGEMM
         raise ValueError(f"this torch build has no x86 int8 kernel (quantized engines: {engines})")
