@@ -17,7 +17,7 @@ from moeserve.config import EngineConfig, ServerConfig, parse_bytes
 from moeserve.errors import MoEServeError
 
 # flag -> (type, help); every flag is also a YAML key (dashes or underscores)
-_FLAGS: dict[str, tuple[type, str]] = {
+_FLAGS: dict[str, tuple[object, str]] = {
     "host": (str, "address to bind (default 127.0.0.1)"),
     "port": (int, "port to bind (default 8000)"),
     "served-model-name": (str, "model name clients send (default: the model directory's name)"),
@@ -38,6 +38,8 @@ _FLAGS: dict[str, tuple[type, str]] = {
     "quantization": (str, "int8: store expert, shared-expert, dense and attention weights as int8 "
                            "(per-channel scales; CPU kernels: oneDNN with AMX, else fbgemm)"),
     "quantize-lm-head": (bool, "with --quantization: the lm_head too (YAML: quantize_lm_head: true)"),
+    "enable-prefix-caching": (argparse.BooleanOptionalAction,
+                              "reuse the KV blocks of prompts' shared prefixes (default on; --no-enable-prefix-caching turns it off)"),
     "drop-policy": (str, "which routes a full expert drops: position (latest tokens) | probs (lowest scores)"),
     "expert-metrics": (str, "full (per layer and expert) | summary (per expert, for huge models) | off"),
     "ep-size": (int, "expert-parallel ranks: one process per device, each holding 1/N of the experts (default: visible GPUs, else 1)"),
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (kind, help_text) in _FLAGS.items():
         if kind is bool:
             serve.add_argument(f"--{flag}", action="store_true", default=None, help=help_text)
+        elif kind is argparse.BooleanOptionalAction:
+            serve.add_argument(f"--{flag}", action=kind, default=None, help=help_text)
         else:
             serve.add_argument(f"--{flag}", type=kind, default=None, help=help_text)
     return parser

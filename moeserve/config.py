@@ -39,6 +39,7 @@ class EngineConfig:
     kv_cache_fraction: float = 0.1
     seed: int = 0
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True       # reuse cached KV blocks of shared prompt prefixes
     capacity_factor: float | None = None     # None = dropless (the checkpoint's own behaviour)
     min_capacity: int = 4
     drop_policy: Literal["position", "probs"] = "position"
@@ -66,6 +67,9 @@ class EngineConfig:
         if self.quantize_lm_head and self.quantization is None:
             raise ConfigError("--quantize-lm-head needs --quantization (int8)")
         _choice("device", self.device, ("auto", "cpu", "cuda"))
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "quantize_lm_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{_flag(name)} must be true or false, got {getattr(self, name)!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             _positive_int(name, getattr(self, name))
         if self.max_model_len is not None:

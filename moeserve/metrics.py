@@ -44,6 +44,10 @@ class ExpertLoadCollector:
         yield _gauge("moeserve_num_requests_waiting", "Sequences waiting to be scheduled.", sched.num_waiting)
         yield _gauge("moeserve_kv_cache_usage_ratio", "Fraction of KV cache blocks in use.", sched.kv_usage)
         yield _counter("moeserve_num_preemptions", "Sequences preempted (recomputed later).", sched.num_preemptions)
+        yield _counter("moeserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                       sched.prefix_cache_queries)
+        yield _counter("moeserve_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+                       sched.prefix_cache_hits)
         if self.mode == "off" or engine.model_config.num_moe_layers == 0:
             return
         totals = engine.expert_totals_host()          # [L][2][E] Python ints, published by the engine

@@ -142,6 +142,7 @@ class Request:
     # n > 1 and sequences 1..n-1 wait for sequence 0 to finish the prompt, to share its KV blocks.
     children_pending: bool = False
     first_scheduled_time: float | None = None    # time.monotonic() of its first step
+    num_cached_tokens: int = 0                   # prompt tokens the prefix cache gave sequence 0
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
@@ -163,6 +164,8 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0     # tokens whose KV is in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)   # prefix-cache names of its full blocks
+    num_named_blocks: int = 0        # leading blocks of block_table already offered to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
 

@@ -23,7 +23,7 @@ from moeserve.models.config import MoEModelConfig
 from moeserve.models.loader import load_model
 from moeserve.parallel.expert_parallel import ExpertPlacement
 from moeserve.request import FinishReason, Request, SamplingParams
-from moeserve.server.detokenizer import IncrementalDetokenizer, load_eos_token_ids
+from moeserve.detokenizer import IncrementalDetokenizer, load_eos_token_ids
 from moeserve.worker.device import available_memory, resolve_device, resolve_dtype
 from moeserve.worker.model_runner import ModelRunner, kv_bytes_per_block
 from moeserve.worker.sampler import Sampler
@@ -61,7 +61,8 @@ class Engine:
         sched_cfg = SchedulerConfig(
             max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, block_size=config.block_size,
-            enable_chunked_prefill=config.enable_chunked_prefill)
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            enable_prefix_caching=config.enable_prefix_caching)
         # alltoall: each rank keeps the KV blocks of the sequences whose attention it runs
         partitions = self.ep_size if self.ep_size > 1 and config.ep_dispatch == "alltoall" else 1
         self.scheduler = Scheduler(sched_cfg, self.num_kv_blocks * partitions, self.eos_token_ids, partitions)
@@ -205,6 +206,7 @@ class Engine:
             delta_token_ids=o.delta_token_ids, delta_logprobs=o.delta_logprobs, logprobs=o.logprobs,
             finish_reason=o.finish_reason, stop_reason=o.stop_reason) for o in state.outputs]
         return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished,
+                             num_cached_tokens=request.num_cached_tokens,
                              first_scheduled_time=request.first_scheduled_time)
 
     def _eos_ids(self) -> tuple[int, ...]:

@@ -85,7 +85,7 @@ async def create_completion(req: CompletionRequest, ctx: ServerContext):
                                 logprobs=fmt.completion(o.logprobs) if o.logprobs is not None else None)
                for i, out in enumerate(finals) for o in out.outputs]
     return CompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices,
-                              usage=usage(job.prompt_lens, [f.outputs for f in finals]))
+                              usage=usage(job.prompt_lens, finals))
 
 
 async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext):
@@ -109,7 +109,7 @@ async def create_chat_completion(req: ChatCompletionRequest, ctx: ServerContext)
                           logprobs=fmt.chat(o.logprobs) if o.logprobs is not None else None)
                for o in final.outputs]
     return ChatCompletionResponse(id=job.id, created=job.created, model=job.model, choices=choices,
-                                  usage=usage(job.prompt_lens, [final.outputs]))
+                                  usage=usage(job.prompt_lens, [final]))
 
 
 async def _collect(job: _Job) -> list:
@@ -166,7 +166,7 @@ async def _completion_chunks(job: _Job, fmt: LogprobFormatter, with_logprobs: bo
             finals[i] = out
     if job.include_usage:
         yield CompletionChunk(id=job.id, created=job.created, model=job.model, choices=[],
-                              usage=usage(job.prompt_lens, [f.outputs for f in finals]))
+                              usage=usage(job.prompt_lens, finals))
 
 
 async def _chat_chunks(job: _Job, fmt: LogprobFormatter, with_logprobs: bool):
@@ -189,4 +189,4 @@ async def _chat_chunks(job: _Job, fmt: LogprobFormatter, with_logprobs: bool):
         final = out if out.finished else final
     if job.include_usage:
         yield ChatCompletionChunk(id=job.id, created=job.created, model=job.model, choices=[],
-                                  usage=usage(job.prompt_lens, [final.outputs]))
+                                  usage=usage(job.prompt_lens, [final]))

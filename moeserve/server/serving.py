@@ -11,7 +11,7 @@ from moeserve.request import SamplingParams
 from moeserve.server.async_engine import AsyncEngine, RequestStream
 from moeserve.server.protocol import (
     MAX_LOGPROBS, APIError, ChatCompletionRequest, ChatLogprobs, CompletionLogprobs, SamplingFields,
-    TokenLogprob, TopLogprob, UsageInfo)
+    PromptTokensDetails, TokenLogprob, TopLogprob, UsageInfo)
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,12 @@ def finish_reason(out: CompletionOutput) -> str | None:
     return None if out.finish_reason is None else out.finish_reason.value
 
 
-def usage(prompt_lens: list[int], outputs: list[list[CompletionOutput]]) -> UsageInfo:
-    completion = sum(len(o.token_ids) for outs in outputs for o in outs)
+def usage(prompt_lens: list[int], finals: list[RequestOutput]) -> UsageInfo:
+    """Usage of a job's finished requests (one per prompt), as OpenAI reports it."""
+    completion = sum(len(o.token_ids) for final in finals for o in final.outputs)
+    cached = PromptTokensDetails(cached_tokens=sum(final.num_cached_tokens for final in finals))
     return UsageInfo(prompt_tokens=sum(prompt_lens), completion_tokens=completion,
-                     total_tokens=sum(prompt_lens) + completion)
+                     total_tokens=sum(prompt_lens) + completion, prompt_tokens_details=cached)
 
 
 async def submit_all(engine: AsyncEngine, base_id: str, prompts: list[list[int]],

@@ -132,3 +132,24 @@ def test_capacity_limits_across_ranks(ep_checkpoints):
         routed = sum(map(sum, (layer[0] for layer in totals)))
         assert routed == sum(map(sum, (layer[0] for layer in expected_totals)))   # same tokens routed
         assert sum(map(sum, (layer[1] for layer in totals))) > 0
+
+
+def test_alltoall_sends_a_prompt_to_the_rank_caching_its_prefix(ep_checkpoints):
+    """With prefix caching, later prompts sharing a system prompt run on the rank whose KV cache
+    holds it (rather than the least loaded one) and give the tokens of one uncached rank."""
+    path = ep_checkpoints["mixtral"]
+    system = random_prompts((48,), seed=8)[0]
+    prompts = [system + tail for tail in random_prompts((5, 9, 13, 20), seed=9)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    expected = _tokens(make_llm(path, enable_prefix_caching=False).generate(prompts, params))
+    with make_llm(path, ep_size=2, ep_dispatch="alltoall") as llm:
+        seen = _spy_on_split(llm.engine)
+        first = _tokens(llm.generate(prompts[:1], params))
+        (holder,) = seen["ranks_used"]
+        seen["ranks_used"].clear()
+        rest = _tokens(llm.generate(prompts[1:], params))
+        assert first + rest == expected
+        assert seen["ranks_used"] == {holder}
+        sched = llm.engine.scheduler
+        assert sched.prefix_cache_hits == 3 * 48
+        assert sched.blocks.num_free_blocks == sched.blocks.num_blocks

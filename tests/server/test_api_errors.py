@@ -98,8 +98,11 @@ def test_over_context_length(http, path, body, param):
 
 def test_exactly_at_context_length_is_served(http):
     r = http.post(COMPLETIONS, json={"prompt": [7] * 500, "max_tokens": 12, "ignore_eos": True})
-    assert r.status_code == 200 and r.json()["usage"] == {"prompt_tokens": 500, "completion_tokens": 12,
-                                                           "total_tokens": 512}
+    assert r.status_code == 200
+    usage = r.json()["usage"]
+    cached = usage.pop("prompt_tokens_details")["cached_tokens"]   # [7] * 500 may be cached already
+    assert usage == {"prompt_tokens": 500, "completion_tokens": 12, "total_tokens": 512}
+    assert 0 <= cached < 500 and cached % 16 == 0
 
 
 def test_stream_options_without_stream(http):

@@ -314,3 +314,23 @@ async def test_async_streams_match_non_stream(aclient, model):
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert _finishes(chunks) == {0: ["length"]}
+
+
+def test_resent_conversation_reports_cached_prompt_tokens(client, model):
+    """A chat's second turn resends the first: usage.prompt_tokens_details.cached_tokens says how
+    much of it the prefix cache answered, and streaming usage says the same."""
+    history = [{"role": "system", "content": "You are terse. " * 40},
+               {"role": "user", "content": "Name three rivers."}]
+    first = client.chat.completions.create(model=model, messages=history, max_tokens=4, **GREEDY)
+    assert first.usage.prompt_tokens > 100
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And three lakes."}]
+    second = client.chat.completions.create(model=model, messages=history, max_tokens=4, **GREEDY)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    # the first prompt is a prefix of the second: all its full 16-token blocks are reused
+    assert first.usage.prompt_tokens // 16 * 16 <= cached < second.usage.prompt_tokens
+    assert cached % 16 == 0
+    stream = client.chat.completions.create(model=model, messages=history, max_tokens=4, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY)
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert usage[-1].prompt_tokens_details.cached_tokens >= cached

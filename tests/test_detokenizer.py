@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from moeserve.request import SamplingParams
-from moeserve.server.detokenizer import IncrementalDetokenizer, load_eos_token_ids
+from moeserve.detokenizer import IncrementalDetokenizer, load_eos_token_ids
 
 CORPUS = ["Héllo wörld, café crème brûlée.", "中文测试，你好世界。",
           "Emoji time 😀🎉🚀 and more 😀!", "The quick brown fox jumps over the lazy dog."] * 3
