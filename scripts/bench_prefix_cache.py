@@ -17,6 +17,10 @@ free port, stopped afterwards), streaming /v1/completions with token-id prompts,
 
 Prints TTFT p50/p99 (chat: first turns and later turns apart), output tok/s, the server's
 prefix-cache hit rate (from /metrics) and the on/off ratios.
+
+--ab-rounds N (N > 0) measures only what caching costs where it cannot help, with less noise: two
+offline engines in this process (on and off) take turns on fresh batches of --agent-requests
+unshared prompts, after one warm-up batch each, and the median of the N on/off ratios is printed.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--stop-timeout", type=float, default=30)
+    p.add_argument("--ab-rounds", type=int, default=0, help="only the in-process unshared on/off A/B, N rounds")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
 
@@ -167,8 +172,39 @@ def table(on: dict, off: dict) -> str:
     return "\n".join(rows)
 
 
+def unshared_ab(args) -> dict:
+    import statistics
+
+    from moeserve import LLM, SamplingParams
+    engines = {name: LLM(args.model, enable_prefix_caching=name == "on", kv_cache_memory=512 << 20)
+               for name in ("on", "off")}
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+
+    def tok_s(name: str, seed: str) -> float:
+        rng = random.Random(seed)
+        prompts = [ids(rng, args.unshared_len, args.vocab) for _ in range(args.agent_requests)]
+        start = time.perf_counter()
+        engines[name].generate(prompts, params)
+        return len(prompts) * args.output_len / (time.perf_counter() - start)
+
+    for name in engines:
+        tok_s(name, "warm-up")
+    ratios = []
+    for i in range(args.ab_rounds):
+        order = ("on", "off") if i % 2 == 0 else ("off", "on")
+        got = {name: tok_s(name, f"{args.seed}-{i}") for name in order}
+        ratios.append(got["on"] / got["off"])
+        print(f"round {i}: on {got['on']:.1f} tok/s, off {got['off']:.1f} tok/s, on/off {ratios[-1]:.3f}", flush=True)
+    median = statistics.median(ratios)
+    print(f"unshared prompts of {args.unshared_len} tokens, {args.agent_requests} per batch: "
+          f"median on/off throughput {median:.3f} over {len(ratios)} rounds")
+    return {"ratios": ratios, "median": median}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.ab_rounds:
+        return unshared_ab(args)
     log_dir = tempfile.mkdtemp(prefix="bench_prefix_cache-")
     results = {}
     for name, flag in (("on", "--enable-prefix-caching"), ("off", "--no-enable-prefix-caching")):

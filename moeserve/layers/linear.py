@@ -12,11 +12,12 @@ machine by `choose_format` from what was measured (scripts/bench_linear_kernels.
 - bfloat16 without bf16 instructions: emulated row by row; from 8 rows computing in float32 (the
   weight upcast per call) is 1.4x faster at 8 rows and 4x at 64.
 - int8 (--quantization int8): per-output-channel symmetric int8 weights, activations quantized
-  per call (torch.ops.quantized.linear_dynamic), fbgemm's kernel on every x86 CPU (3-10x float32
-  on AVX2). On AMX-INT8 CPUs oneDNN's kernel is 1.3-4x faster from 32 rows (prefill) but slower
-  at the 1-16 rows of decode, and its packed weight keeps a second int8 copy: served end to end
-  on the bench model, fbgemm gave 61 tok/s at 1 stream and 234 at 16 with 1.36 GiB RSS, oneDNN
-  48 and 227 with 2.45 GiB. MOESERVE_INT8_KERNEL=onednn picks oneDNN anyway (for benchmarks).
+  per call to u8 with one scale per call (dynamic quantization). fbgemm's kernel
+  (quantized::linear_dynamic) on every x86 CPU: 3-10x float32 on AVX2. On CPUs with AMX-INT8,
+  oneDNN's AMX kernel (onednn::qlinear_pointwise) is 1.7-3.2x fbgemm's from 32 rows (prefill)
+  and slower below (decode): there each weight is packed for both and the row count picks
+  (INT8_FBGEMM_AMX), which costs a second int8 copy of each quantized weight. MOESERVE_INT8_KERNEL
+  =fbgemm|onednn|fbgemm_amx overrides the choice (benchmarks, or fbgemm alone for less memory).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.cpu_features import cpu_has_fast_bf16, cpu_has_vnni
+from moeserve.cpu_features import cpu_has_amx_int8, cpu_has_fast_bf16, cpu_has_vnni
 
 
 def _onednn_linear():
@@ -66,12 +67,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class WeightFormat(enum.Enum):
     PLAIN = "plain"              # a tensor, computed by `linear`
     ONEDNN_BF16 = "onednn_bf16"  # bf16 reordered for oneDNN (CPUs with bf16 instructions)
-    INT8_ONEDNN = "int8_onednn"  # int8, oneDNN kernel (MOESERVE_INT8_KERNEL=onednn)
+    INT8_ONEDNN = "int8_onednn"  # int8, oneDNN's linear_dynamic (MOESERVE_INT8_KERNEL=onednn)
     INT8_FBGEMM = "int8_fbgemm"  # int8, fbgemm kernel (any x86 CPU with AVX2)
+    INT8_FBGEMM_AMX = "int8_fbgemm_amx"  # int8, fbgemm below 32 rows, oneDNN's AMX kernel from 32
 
     @property
     def is_int8(self) -> bool:
-        return self in (WeightFormat.INT8_ONEDNN, WeightFormat.INT8_FBGEMM)
+        return self in (WeightFormat.INT8_ONEDNN, WeightFormat.INT8_FBGEMM, WeightFormat.INT8_FBGEMM_AMX)
 
 
 def choose_format(dtype: torch.dtype, device: torch.device, quantize_int8: bool) -> WeightFormat:
@@ -82,17 +84,40 @@ def choose_format(dtype: torch.dtype, device: torch.device, quantize_int8: bool)
         return WeightFormat.PLAIN
     if quantize_int8:
         engines = torch.backends.quantized.supported_engines
-        forced = os.environ.get("MOESERVE_INT8_KERNEL")     # fbgemm | onednn: for benchmarks
+        forced = os.environ.get("MOESERVE_INT8_KERNEL")     # see the module doc
         if forced:
-            if forced not in engines or forced not in ("fbgemm", "onednn"):
-                raise ValueError(f"MOESERVE_INT8_KERNEL={forced}: this torch has {engines}")
-            return WeightFormat.INT8_ONEDNN if forced == "onednn" else WeightFormat.INT8_FBGEMM
+            return _forced_int8_format(forced, engines)
+        if "fbgemm" in engines and cpu_has_amx_int8() and _AMX_INT8_LINEAR is not None:
+            return WeightFormat.INT8_FBGEMM_AMX
         if "fbgemm" in engines:
             return WeightFormat.INT8_FBGEMM
         raise ValueError(f"this torch build has no x86 int8 kernel (quantized engines: {engines})")
     if dtype == torch.bfloat16 and cpu_has_fast_bf16() and _ONEDNN_LINEAR is not None:
         return WeightFormat.ONEDNN_BF16
     return WeightFormat.PLAIN
+
+
+def _forced_int8_format(name: str, engines: list[str]) -> WeightFormat:
+    formats = {"fbgemm": WeightFormat.INT8_FBGEMM, "onednn": WeightFormat.INT8_ONEDNN,
+               "fbgemm_amx": WeightFormat.INT8_FBGEMM_AMX}
+    needs = {"fbgemm": "fbgemm" in engines, "onednn": "onednn" in engines,
+             "fbgemm_amx": "fbgemm" in engines and _AMX_INT8_LINEAR is not None}
+    if name not in formats or not needs[name]:
+        raise ValueError(f"MOESERVE_INT8_KERNEL={name}: expected one of {sorted(formats)} that this "
+                         f"torch and CPU have (quantized engines {engines}, AMX-INT8 {cpu_has_amx_int8()})")
+    return formats[name]
+
+
+def _amx_int8_linear():
+    """oneDNN's int8 GEMM with u8 activations (the x86 ops torch.compile's int8 path uses), or None."""
+    try:
+        return torch.ops.onednn.qlinear_pointwise.tensor, torch.ops.onednn.qlinear_prepack
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_AMX_INT8_LINEAR = _amx_int8_linear()
+_AMX_INT8_MIN_ROWS = 32    # fbgemm is faster below (decode), oneDNN's AMX kernel from here (prefill)
 
 
 class PackedWeight:
@@ -144,15 +169,39 @@ class Int8Weight(PackedWeight):
         engine = "onednn" if fmt is WeightFormat.INT8_ONEDNN else "fbgemm"
         # Without VNNI, fbgemm's u8 x s8 pairs can saturate int16: it asks for 7-bit activations.
         self.reduce_range = engine == "fbgemm" and not cpu_has_vnni()
+        zero_points = torch.zeros(out_features, dtype=torch.long)
         with _quantized_engine(engine), warnings.catch_warnings():
             warnings.simplefilter("ignore")   # quantized tensor creation is deprecated, the ops are not
-            qweight = torch._make_per_channel_quantized_tensor(
-                q, scale.double(), torch.zeros(out_features, dtype=torch.long), 0)
+            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
             self.packed = torch.ops.quantized.linear_prepack(qweight, None)
+        self.amx = None
+        if fmt is WeightFormat.INT8_FBGEMM_AMX:
+            _, prepack = _AMX_INT8_LINEAR
+            self.amx = prepack(q, None)                    # the same int8 values, oneDNN's layout
+            self.scale, self.zero_points = scale, zero_points
+            self.nbytes += q.numel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:     # [..., in] -> [..., out], x's dtype
+        if self.amx is not None and x.numel() >= _AMX_INT8_MIN_ROWS * x.shape[-1]:
+            return self._amx(x)
         y = torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def _amx(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] quantized to u8 with one scale and zero point (its range, widened to hold
+        0), then oneDNN's int8 GEMM with the output in x's dtype."""
+        op, _ = _AMX_INT8_LINEAR
+        x2 = x.reshape(-1, x.shape[-1]).float()                           # [n, in]
+        low, high = torch.aminmax(x2)
+        low, high = low.clamp(max=0.0), high.clamp(min=0.0)
+        x_scale = ((high - low) / 255.0).clamp(min=torch.finfo(torch.float32).tiny)
+        x_zero = torch.round(-low / x_scale).to(torch.int64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # quantized tensors are deprecated; the fused kernel is 4x
+            qx = torch.quantize_per_tensor(x2, x_scale, x_zero, torch.quint8).int_repr()   # the decomposed ops
+        y = op(qx, x_scale, x_zero, self.amx, self.scale, self.zero_points, None, 1.0, 0, x.dtype,
+               "none", [], "")                                            # [n, out]
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 def pack_weight(weight: torch.Tensor, fmt: WeightFormat) -> PackedWeight:

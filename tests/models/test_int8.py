@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 import moeserve.layers.linear as linear_mod
 from checkpoints import ARCHITECTURES
 from moeserve.config import EngineConfig
+from moeserve.cpu_features import cpu_has_amx_int8
 from moeserve.errors import ConfigError
 from moeserve.layers.linear import Int8Weight, WeightFormat, quantize_per_channel
 from moeserve.llm import LLM
@@ -24,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from quant_quality import teacher_forced_compare  # noqa: E402
 
 INT8_FORMATS = [WeightFormat.INT8_FBGEMM] + (
-    [WeightFormat.INT8_ONEDNN] if "onednn" in torch.backends.quantized.supported_engines else [])
+    [WeightFormat.INT8_ONEDNN] if "onednn" in torch.backends.quantized.supported_engines else []) + (
+    [WeightFormat.INT8_FBGEMM_AMX] if cpu_has_amx_int8() else [])
 F32 = dict(dtype=torch.float32, pack=False)
 INT8 = dict(dtype=torch.float32, quantization="int8")
 WORKLOAD = dict(num_prompts=8, prompt_len=16, gen_len=8)
