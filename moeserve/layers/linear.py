@@ -111,12 +111,14 @@ def _forced_int8_format(name: str, engines: list[str]) -> WeightFormat:
 def _amx_int8_linear():
     """oneDNN's int8 GEMM with u8 activations (the x86 ops torch.compile's int8 path uses), or None."""
     try:
-        return torch.ops.onednn.qlinear_pointwise.tensor, torch.ops.onednn.qlinear_prepack
+        return torch.ops.onednn.qlinear_pointwise.tensor, torch.ops.onednn.qlinear_prepack.default
     except (AttributeError, RuntimeError):
         return None
 
 
 _AMX_INT8_LINEAR = _amx_int8_linear()
+# The overload itself: calling the op packet resolves it again on every call (~4 us here).
+_LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic.default
 _AMX_INT8_MIN_ROWS = 32    # fbgemm is faster below (decode), oneDNN's AMX kernel from here (prefill)
 
 
@@ -184,7 +186,7 @@ class Int8Weight(PackedWeight):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:     # [..., in] -> [..., out], x's dtype
         if self.amx is not None and x.numel() >= _AMX_INT8_MIN_ROWS * x.shape[-1]:
             return self._amx(x)
-        y = torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range)
+        y = _LINEAR_DYNAMIC(x.float(), self.packed, self.reduce_range)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def _amx(self, x: torch.Tensor) -> torch.Tensor:
