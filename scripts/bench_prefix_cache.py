@@ -4,7 +4,7 @@ a workload with no shared prefixes (the cost of caching when it cannot help).
     python scripts/bench_prefix_cache.py --model /tmp/bench/model [--json out.json]
 
 For each setting (--enable-prefix-caching, then --no-enable-prefix-caching) a fresh
-`moeserve serve` runs the three workloads one after the other (scripts/bench_vs_peer.py's Server:
+`moeserve serve` runs the three workloads one after the other (unshared first) (scripts/bench_vs_peer.py's Server:
 free port, stopped afterwards), streaming /v1/completions with token-id prompts, greedy:
 
 - chat: --conversations conversations of --turns turns, --concurrency conversations at a time.
@@ -58,6 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=300)
     p.add_argument("--stop-timeout", type=float, default=30)
+    p.add_argument("--order", default="on,off", help="which server runs first (on,off or off,on)")
+    p.add_argument("--workloads", default="unshared,chat,agent", help="which workloads, in this order")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="server pairs, alternating which runs first; the table shows the medians")
     p.add_argument("--ab-rounds", type=int, default=0, help="only the in-process unshared on/off A/B, N rounds")
     p.add_argument("--json", type=Path)
     return p.parse_args(argv)
@@ -141,9 +145,11 @@ async def workloads(url: str, args) -> dict:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
         client = Client(http, model, args.output_len)
         await client.complete(ids(rng, 16, args.vocab))                  # warm-up
-        for name, run in (("chat", lambda: chat(client, args, system)),
-                          ("agent", lambda: batch(client, args, agent)),
-                          ("unshared", lambda: batch(client, args, unshared))):
+        # unshared first: on a fresh server, so that caching on and off start from the same state
+        runs = {"unshared": lambda: batch(client, args, unshared), "chat": lambda: chat(client, args, system),
+                "agent": lambda: batch(client, args, agent)}
+        for name in args.workloads.split(","):
+            run = runs[name]
             queries, hits = prefix_counters(url)
             results[name] = await run()
             queries2, hits2 = prefix_counters(url)
@@ -156,20 +162,28 @@ async def workloads(url: str, args) -> dict:
 def table(on: dict, off: dict) -> str:
     rows = ["| workload | caching | tok/s | TTFT p50 | TTFT p99 | later-turn TTFT p50 | later-turn TTFT p99 | hit rate |",
             "|---|---|---|---|---|---|---|---|"]
-    for name in ("chat", "agent", "unshared"):
+    names = [n for n in ("chat", "agent", "unshared") if n in on]
+    for name in names:
         for label, r in (("on", on[name]), ("off", off[name])):
             later = (f"{r['later_turns_p50'] * 1e3:.0f} ms | {r['later_turns_p99'] * 1e3:.0f} ms"
                      if "later_turns_p50" in r else "- | -")
             rows.append(f"| {name} | {label} | {r['tok_s']:.1f} | {r['ttft_p50'] * 1e3:.0f} ms | "
                         f"{r['ttft_p99'] * 1e3:.0f} ms | {later} | {r['hit_rate']:.1%} |")
     rows.append("")
-    for name in ("chat", "agent", "unshared"):
+    for name in names:
         a, b = on[name], off[name]
         line = f"{name}: throughput on/off {a['tok_s'] / b['tok_s']:.3f}x, TTFT p50 off/on {b['ttft_p50'] / a['ttft_p50']:.2f}x"
         if "later_turns_p50" in a:
             line += f", later-turn TTFT p50 off/on {b['later_turns_p50'] / a['later_turns_p50']:.2f}x"
         rows.append(line)
     return "\n".join(rows)
+
+
+def median_results(per_round: list[dict]) -> dict:
+    """Per workload and figure, the median over the rounds."""
+    import statistics
+    return {w: {k: statistics.median(r[w][k] for r in per_round) for k in per_round[0][w]}
+            for w in per_round[0]}
 
 
 def unshared_ab(args) -> dict:
@@ -206,17 +220,20 @@ def main(argv=None) -> dict:
     if args.ab_rounds:
         return unshared_ab(args)
     log_dir = tempfile.mkdtemp(prefix="bench_prefix_cache-")
-    results = {}
-    for name, flag in (("on", "--enable-prefix-caching"), ("off", "--no-enable-prefix-caching")):
-        spec = {"name": f"moeserve-{name}", "kind": "moeserve", "args": f"{flag} {args.extra}".strip()}
-        server_args = argparse.Namespace(model=args.model, log_dir=log_dir)
-        server = Server(spec, server_args)
-        print(f"prefix caching {name}: {' '.join(server.command)}", flush=True)
-        try:
-            server.wait_healthy(args.startup_timeout)
-            results[name] = asyncio.run(workloads(server.url, args))
-        finally:
-            server.stop(args.stop_timeout)
+    runs: dict[str, list[dict]] = {"on": [], "off": []}
+    flags = {"on": "--enable-prefix-caching", "off": "--no-enable-prefix-caching"}
+    order = args.order.split(",")
+    for round_ in range(args.rounds):
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            spec = {"name": f"moeserve-{name}", "kind": "moeserve", "args": f"{flags[name]} {args.extra}".strip()}
+            server = Server(spec, argparse.Namespace(model=args.model, log_dir=log_dir))
+            print(f"prefix caching {name}: {' '.join(server.command)}", flush=True)
+            try:
+                server.wait_healthy(args.startup_timeout)
+                runs[name].append(asyncio.run(workloads(server.url, args)))
+            finally:
+                server.stop(args.stop_timeout)
+    results = {name: median_results(per_round) for name, per_round in runs.items()}
     print(f"\nsystem prompt {args.system_len} tokens, {args.turns} turns x {args.conversations} conversations, "
           f"concurrency {args.concurrency}, output {args.output_len} tokens; logs in {log_dir}\n")
     print(table(results["on"], results["off"]))
