@@ -223,11 +223,11 @@ class Int8Weight(PackedWeight):
         x_scale = ((high - low) / 255.0).clamp(min=torch.finfo(torch.float32).tiny)
         x_zero = torch.round(-low / x_scale).to(torch.int64)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # quantized tensors are deprecated; the fused kernel is 4x
-            qx = torch.quantize_per_tensor(x2, x_scale, x_zero, torch.quint8).int_repr()   # the decomposed ops
-        y = op(qx, x_scale, x_zero, self.amx, self.scale, self.zero_points, None, 1.0, 0, x.dtype,
-               "none", [], "")                                            # [n, out]
-        return y
+            # quantized tensors are deprecated, but this fused kernel is 4x the decomposed ops
+            warnings.simplefilter("ignore")
+            qx = torch.quantize_per_tensor(x2, x_scale, x_zero, torch.quint8).int_repr()   # [n, in] u8
+        return op(qx, x_scale, x_zero, self.amx, self.scale, self.zero_points, None, 1.0, 0, x.dtype,
+                  "none", [], "")                                         # [n, out]
 
 
 def pack_weight(weight: torch.Tensor, fmt: WeightFormat) -> PackedWeight:
