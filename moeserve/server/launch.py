@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 
 import uvicorn
@@ -12,6 +13,7 @@ from sse_starlette.sse import AppStatus
 
 from moeserve.config import EngineConfig, ServerConfig
 from moeserve.engine.engine import Engine
+from moeserve.errors import MoEServeError
 from moeserve.metrics import Metrics
 from moeserve.server.app import create_app
 from moeserve.server.async_engine import AsyncEngine
@@ -35,10 +37,14 @@ def serve(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
     logging.basicConfig(level=server_cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if engine_cfg.node_rank > 0:
         return _serve_worker_node(engine_cfg)
+    # The port is taken before the model loads: a busy port fails at once, and the sockets that
+    # expert-parallel ranks open while starting cannot land on it (seen: gloo took the free port
+    # a test had picked, and uvicorn's bind then failed).
+    sock = bind_socket(server_cfg.host, server_cfg.port)
     ctx = build_context(engine_cfg, server_cfg)
     app = create_app(ctx, api_key=server_cfg.api_key, max_body_bytes=server_cfg.max_body_bytes,
                      metrics=ctx.engine.metrics, start_engine=False)
-    log.info("serving %s on http://%s:%d", ctx.served.name, server_cfg.host, server_cfg.port)
+    log.info("serving %s on http://%s:%d", ctx.served.name, server_cfg.host, sock.getsockname()[1])
     config = uvicorn.Config(app, host=server_cfg.host, port=server_cfg.port, log_level=server_cfg.log_level,
                             timeout_graceful_shutdown=server_cfg.shutdown_timeout)
     # sse-starlette ends every open stream as soon as uvicorn sees SIGTERM; a drain must let the
@@ -49,7 +55,7 @@ def serve(engine_cfg: EngineConfig, server_cfg: ServerConfig) -> int:
     # Signals reach the main thread only: they ask uvicorn to drain (a second SIGINT forces it).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: _request_exit(server, signum))
-    http = threading.Thread(target=_run_http, args=(server, ctx), name="moeserve-http")
+    http = threading.Thread(target=_run_http, args=(server, ctx, sock), name="moeserve-http")
     _exit_if_stuck_after_failure(ctx)
     try:
         http.start()
@@ -98,8 +104,22 @@ def _request_exit(server: uvicorn.Server, signum: int) -> None:
     server.should_exit = True
 
 
-def _run_http(server: uvicorn.Server, ctx: ServerContext) -> None:
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on host:port (uvicorn serves it; connections queue until then).
+    Listening, not just bound: another socket with SO_REUSEADDR may bind a merely bound port."""
     try:
-        server.run()
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        raise MoEServeError(f"--host {host} --port {port}: cannot listen there ({exc})") from None
+    return sock
+
+
+def _run_http(server: uvicorn.Server, ctx: ServerContext, sock: socket.socket) -> None:
+    try:
+        server.run(sockets=[sock])
     finally:
         ctx.engine.stop(timeout=0)  # ends the engine loop in the main thread
