@@ -69,7 +69,7 @@ def greedy_extend(model: torch.nn.Module, prompts: torch.Tensor, gen_len: int) -
 @torch.inference_mode()
 def score(model: torch.nn.Module, runner: ModelRunner, seq: torch.Tensor) -> torch.Tensor:
     """seq [L] -> float32 logits [L, V]: the next-token logits at every position, one prefill."""
-    batch = ScheduledBatch([ScheduledSeq(0, seq.tolist(), 0, list(range(runner.kv_caches.shape[2])),
+    batch = ScheduledBatch([ScheduledSeq(0, seq.tolist(), 0, list(range(runner.num_blocks)),
                                          True, None, [], [])], len(seq), BLOCK)
     step = runner.prepare(batch)
     return model.compute_logits(model(step.input_ids, step.meta, runner.kv_caches))

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import transformers as hf
 
-ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 _COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1,
                rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -31,6 +31,8 @@ def hf_config(arch: str, **overrides) -> hf.PretrainedConfig:
     elif arch == "olmoe":
         cfg = hf.OlmoeConfig(**_COMMON, intermediate_size=48, num_experts=8, num_experts_per_tok=2,
                              norm_topk_prob=False, clip_qkv=8.0, pad_token_id=1, eos_token_id=2)
+    elif arch in ("deepseek_v2", "deepseek_v3"):
+        cfg = _deepseek_config(arch)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
@@ -38,10 +40,33 @@ def hf_config(arch: str, **overrides) -> hf.PretrainedConfig:
     return cfg
 
 
+# DeepSeek: MLA with YaRN (DeepSeek's mscale pair) and v_head_dim != the q/k head dim, a dense
+# first layer, shared experts, grouped routing. V2: q_lora_rank null, softmax group_limited_greedy.
+# V3: q_lora_rank set, sigmoid scores with a non-zero correction bias (hf_model randomises it).
+_MLA = dict(kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=1,
+            n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, intermediate_size=96,
+            rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=256,
+                                 mscale=1.0, mscale_all_dim=0.707, beta_fast=32, beta_slow=1))
+
+
+def _deepseek_config(arch: str) -> hf.PretrainedConfig:
+    common = {**_COMMON, "num_key_value_heads": _COMMON["num_attention_heads"]}   # MLA: no KV heads
+    if arch == "deepseek_v2":
+        return hf.DeepseekV2Config(**common, **_MLA, q_lora_rank=None, num_experts_per_tok=2,
+                                   topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                   routed_scaling_factor=2.0)
+    return hf.DeepseekV3Config(**common, **_MLA, q_lora_rank=20, num_experts_per_tok=3, n_group=4, topk_group=2,
+                               norm_topk_prob=True, routed_scaling_factor=2.5)
+
+
 def hf_model(cfg: hf.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = hf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.config.architectures = [type(model).__name__]
+    with torch.no_grad():   # HF initialises DeepSeek-V3's correction bias to zero: make it matter
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape) * 0.3)
     return model.eval()
 
 

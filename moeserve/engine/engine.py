@@ -238,7 +238,9 @@ class Engine:
         if blocks < blocks_per_seq:
             log.warning("the KV cache holds %d tokens, less than --max-model-len %d: sequences are capped there",
                         blocks * cfg.block_size, self.max_model_len)
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", blocks, cfg.block_size, blocks * per_block / 2**20)
+        kind = "latent (MLA)" if self.model_config.mla else "K and V"
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB), %d bytes per token of %s", blocks, cfg.block_size,
+                 blocks * per_block / 2**20, per_block // cfg.block_size, kind)
         return int(blocks)
 
 

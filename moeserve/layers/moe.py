@@ -171,6 +171,7 @@ class MoEShape:
     shared_gated: bool = False
     first_expert: int = 0
     num_local: int | None = None   # None: all experts on this rank
+    correction_bias: bool = False  # DeepSeek-V3: a learned per-expert bias steers the choice
 
 
 class MoELayer(nn.Module):
@@ -178,6 +179,8 @@ class MoELayer(nn.Module):
         super().__init__()
         self.routing_cfg = shape.routing   # replaced by set_capacity() for the serving knobs
         self.router = Linear(shape.hidden, shape.routing.num_experts, bias=False)
+        # float32 (see models/weight_conversion.py): added to scores in [0, 1] before the top-k.
+        self.score_bias = nn.Parameter(torch.zeros(shape.routing.num_experts)) if shape.correction_bias else None
         self.experts = Experts(shape.routing.num_experts, shape.hidden, shape.intermediate,
                                shape.first_expert, shape.num_local)
         self.shared = DenseMLP(shape.hidden, shape.shared_intermediate) if shape.shared_intermediate else None
@@ -186,7 +189,7 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         # x [T, H] -> (out [T, H], routing: counts [E] and dropped [E] ride along)
-        routing = route(self.router(x), self.routing_cfg, with_aux_loss=False)
+        routing = route(self.router(x), self.routing_cfg, score_bias=self.score_bias, with_aux_loss=False)
         ep = self.ep
         if ep is None:
             out = self.experts(x, routing)

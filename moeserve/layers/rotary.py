@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from moeserve.models.config import RopeConfig
+from moeserve.models.config import RopeConfig, yarn_mscale
 
 
 def inverse_frequencies(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.Tensor, float]:
@@ -45,8 +45,10 @@ def _yarn(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.Tensor, 
     # YaRN (arXiv 2309.00071): interpolate low frequencies, extrapolate high ones, ramp between.
     factor = rope.factor
     original = rope.original_max_position or max_position
-    attention_factor = rope.mscale if rope.mscale is not None else (
-        0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+    attention_factor = rope.attention_factor
+    if attention_factor is None:   # DeepSeek's mscale pair, else the paper's 0.1 ln(factor) + 1
+        attention_factor = yarn_mscale(factor, rope.mscale) / yarn_mscale(factor, rope.mscale_all_dim) \
+            if rope.mscale and rope.mscale_all_dim else yarn_mscale(factor)
 
     def correction_dim(rotations: float) -> float:
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
@@ -65,11 +67,15 @@ def _yarn(rope: RopeConfig, dim: int, max_position: int) -> tuple[torch.Tensor, 
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style RoPE (rotate_half), as in Mixtral, Qwen-MoE and OLMoE."""
+    """Neox-style RoPE (rotate_half: dims i and i + D/2 form a pair), as in Mixtral, Qwen-MoE and
+    OLMoE; or `interleaved` (dims 2i and 2i + 1 form a pair), as DeepSeek's MLA. The interleaved
+    output lists the rotated even dims, then the odd ones (transformers' DeepSeek-V3 layout): a
+    fixed permutation of both queries and keys, so their dot products are unchanged."""
 
-    def __init__(self, rope: RopeConfig, head_dim: int, max_position: int) -> None:
+    def __init__(self, rope: RopeConfig, head_dim: int, max_position: int, interleaved: bool = False) -> None:
         super().__init__()
         self.rope, self.head_dim, self.max_position = rope, head_dim, max_position
+        self.interleaved = interleaved
         self.register_buffer("cos", torch.empty(max_position, head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(max_position, head_dim), persistent=False)
         if self.cos.device.type != "meta":
@@ -88,6 +94,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, step_cache: dict | None = None) -> torch.Tensor:
         # positions [T]; x [T, heads, D] (queries and keys side by side: one pass for both)
         cos, sin = self.lookup(positions, x.dtype, step_cache)  # [T, 1, D] x2
+        if self.interleaved:
+            half = self.head_dim // 2
+            cos, sin = cos[..., :half], sin[..., :half]          # [T, 1, D/2]: one angle per pair
+            even, odd = x[..., 0::2], x[..., 1::2]
+            return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
         return x * cos + _rotate_half(x) * sin
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype,

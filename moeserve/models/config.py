@@ -6,14 +6,16 @@ normalised fields, so a new architecture means one more `_from_<family>` functio
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from moeserve.errors import CheckpointError
 
-Architecture = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+Architecture = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 QKNorm = Literal["none", "per_head", "full"]
 RopeType = Literal["default", "linear", "llama3", "yarn"]
 
@@ -23,10 +25,16 @@ HF_ARCHITECTURES: dict[str, Architecture] = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
 }
 MODEL_TYPES: dict[str, Architecture] = {
     "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe",
+    "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3",
 }
+# Checkpoint weight formats the loader converts (see models/weight_conversion.py); any other
+# quantization_config.quant_method is refused by name rather than loaded as garbage.
+CHECKPOINT_QUANT_METHODS = ("fp8",)
 
 
 @dataclass(frozen=True)
@@ -39,8 +47,48 @@ class RopeConfig:
     high_freq_factor: float = 4.0       # llama3
     beta_fast: float = 32.0             # yarn
     beta_slow: float = 1.0              # yarn
-    mscale: float | None = None         # yarn attention factor override
+    attention_factor: float | None = None   # yarn: cos/sin scale; None = from factor and mscale
+    mscale: float | None = None         # yarn (DeepSeek): numerator of the attention factor
+    mscale_all_dim: float | None = None  # yarn (DeepSeek): its denominator, and the softmax scale
     truncate: bool = True               # yarn
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3): keys and values come from one low-rank latent
+    per token, kv_lora_rank wide, plus one shared rope key qk_rope_head_dim wide."""
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None      # None: queries from one full projection
+    rope_interleave: bool = True        # rope over interleaved pairs (x0, x1), (x2, x3), ...
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def latent_dim(self) -> int:       # what the KV cache keeps per token and layer
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How a checkpoint's router turns logits into expert weights (see layers/routing.py)."""
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: Literal["max", "top2_sum"] = "max"
+    correction_bias: bool = False       # DeepSeek-V3: e_score_correction_bias steers the choice
+
+
+@dataclass(frozen=True)
+class CheckpointQuant:
+    """Weights stored quantized on disk, dequantized at load (quantization_config)."""
+    method: Literal["fp8"]
+    block_size: tuple[int, int]         # [rows, cols] covered by one weight_scale_inv entry
 
 
 @dataclass(frozen=True)
@@ -73,6 +121,9 @@ class MoEModelConfig:
     dtype: str = "float32"              # checkpoint's declared torch dtype
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    mla: MLAConfig | None = None        # set: latent attention instead of GQA
+    router: RouterSpec = field(default_factory=RouterSpec)
+    checkpoint_quant: CheckpointQuant | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -90,6 +141,30 @@ class MoEModelConfig:
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers)
 
+    @property
+    def rotary_dim(self) -> int:
+        return self.mla.qk_rope_head_dim if self.mla else self.head_dim
+
+    @property
+    def kv_values_per_token(self) -> int:
+        """Cache entries one token keeps per layer: the latent (MLA) or K and V of every KV head."""
+        return self.mla.latent_dim if self.mla else 2 * self.num_kv_heads * self.head_dim
+
+    def kv_cache_layer_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """One layer's paged cache: [NB, BS, R + DR] latent rows (MLA), else [2, NB, BS, NKV, D]."""
+        if self.mla:
+            return (num_blocks, block_size, self.mla.latent_dim)
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(qk head dim); DeepSeek's YaRN multiplies it by mscale(factor, mscale_all_dim)^2."""
+        scale = self.head_dim ** -0.5
+        rope = self.rope
+        if self.mla and rope.type != "default" and rope.mscale_all_dim:
+            scale *= yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
+        return scale
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "MoEModelConfig":
         path = Path(model_dir) / "config.json"
@@ -104,10 +179,16 @@ class MoEModelConfig:
     @classmethod
     def from_hf(cls, raw: dict, source: str = "config.json") -> "MoEModelConfig":
         arch = _architecture(raw, source)
+        quant = _checkpoint_quant(raw, source)
         try:
-            return _FAMILIES[arch](raw, arch)
+            cfg = _FAMILIES[arch](raw, arch)
         except KeyError as exc:
             raise CheckpointError(f"{source}: missing required field {exc.args[0]!r} for {arch}") from exc
+        return dataclasses.replace(cfg, checkpoint_quant=quant) if quant else cfg
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def supported_architectures() -> list[str]:
@@ -135,13 +216,38 @@ def _rope(raw: dict) -> RopeConfig:
     if rope_type not in ("default", "linear", "llama3", "yarn"):
         raise CheckpointError(f"rope type {rope_type!r} is not supported (default, linear, llama3, yarn)")
     return RopeConfig(
-        theta=float(theta), type=rope_type, factor=float(params.get("factor", 1.0)),
+        theta=float(theta), type=rope_type, factor=_rope_factor(raw, params),
         original_max_position=params.get("original_max_position_embeddings"),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
-        mscale=params.get("attention_factor"), truncate=bool(params.get("truncate", True)),
+        attention_factor=params.get("attention_factor"), mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"), truncate=bool(params.get("truncate", True)),
     )
+
+
+def _rope_factor(raw: dict, params: dict) -> float:
+    factor = params.get("factor")
+    if factor is None and params.get("original_max_position_embeddings"):   # yarn: from the two lengths
+        return raw.get("max_position_embeddings", 4096) / params["original_max_position_embeddings"]
+    return float(1.0 if factor is None else factor)
+
+
+def _checkpoint_quant(raw: dict, source: str) -> CheckpointQuant | None:
+    qcfg = raw.get("quantization_config")
+    if not qcfg:
+        return None
+    method = qcfg.get("quant_method")
+    if method not in CHECKPOINT_QUANT_METHODS:
+        raise CheckpointError(
+            f"{source}: quantization_config.quant_method {method!r} is not supported (moeserve loads "
+            f"{', '.join(CHECKPOINT_QUANT_METHODS)} checkpoints, or unquantized ones with --quantization int8)")
+    block = qcfg.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(
+            f"{source}: fp8 checkpoints are loaded with block scales (weight_block_size [rows, cols] and "
+            f"weight_scale_inv tensors, as DeepSeek-V3 ships them); weight_block_size is {block!r}")
+    return CheckpointQuant(method="fp8", block_size=(block[0], block[1]))
 
 
 def _eos_ids(raw: dict) -> tuple[int, ...]:
@@ -216,34 +322,66 @@ def _olmoe(raw: dict, arch: Architecture) -> MoEModelConfig:
     )
 
 
-_FAMILIES = {"mixtral": _mixtral, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "olmoe": _olmoe}
+def _deepseek(raw: dict, arch: Architecture) -> MoEModelConfig:
+    """DeepSeek-V2 / V2-Lite / V2.5, DeepSeek-V3 / V3.1 / R1, and the V3 architecture reused by
+    Kimi-K2 and Moonlight: MLA, dense first layers, shared experts, DeepSeekMoE routing."""
+    if raw.get("attention_bias") or raw.get("mlp_bias"):
+        raise CheckpointError(f"{arch}: attention_bias / mlp_bias are not supported (no DeepSeek checkpoint sets them)")
+    if not raw.get("n_routed_experts"):
+        raise CheckpointError(f"{arch}: n_routed_experts is not set: a dense model, not an MoE checkpoint")
+    common = _common(raw, arch)
+    mla = MLAConfig(
+        kv_lora_rank=raw["kv_lora_rank"], qk_nope_head_dim=raw["qk_nope_head_dim"],
+        qk_rope_head_dim=raw["qk_rope_head_dim"], v_head_dim=raw["v_head_dim"], q_lora_rank=raw.get("q_lora_rank"),
+        rope_interleave=bool(raw.get("rope_interleave", True)) if arch == "deepseek_v3" else True)
+    common.update(num_kv_heads=common["num_heads"], head_dim=mla.qk_head_dim)   # MLA has no KV heads
+    first_dense, freq = raw.get("first_k_dense_replace") or 0, raw.get("moe_layer_freq") or 1
+    moe_layers = tuple(i >= first_dense and i % freq == 0 for i in range(common["num_layers"]))
+    moe_inter = raw["moe_intermediate_size"]
+    return MoEModelConfig(
+        **common, intermediate_size=raw["intermediate_size"], moe_intermediate_size=moe_inter,
+        num_experts=raw["n_routed_experts"], top_k=raw["num_experts_per_tok"],
+        norm_topk_prob=bool(raw.get("norm_topk_prob", True)) if arch == "deepseek_v3" else False,
+        moe_layers=moe_layers, shared_expert_intermediate_size=moe_inter * (raw.get("n_shared_experts") or 0),
+        mla=mla, router=_deepseek_router(raw, arch))
+
+
+def _deepseek_router(raw: dict, arch: Architecture) -> RouterSpec:
+    """DeepSeek-V2: softmax, greedy or group_limited_greedy (group score = max), times
+    routed_scaling_factor, never renormalised (as transformers' V2 router). DeepSeek-V3: sigmoid
+    scores, e_score_correction_bias for choosing only, grouped top-k (group score = sum of the
+    top 2), renormalised if norm_topk_prob, times routed_scaling_factor."""
+    scale = float(raw.get("routed_scaling_factor") or 1.0)
+    if arch == "deepseek_v2":
+        grouped = raw.get("topk_method", "greedy") == "group_limited_greedy"
+        return RouterSpec(scoring="softmax", routed_scaling_factor=scale,
+                          n_group=raw.get("n_group") or 1 if grouped else 1,
+                          topk_group=raw.get("topk_group") or 1 if grouped else 1, group_score="max")
+    return RouterSpec(scoring="sigmoid", routed_scaling_factor=scale, n_group=raw.get("n_group") or 1,
+                      topk_group=raw.get("topk_group") or 1, group_score="top2_sum", correction_bias=True)
+
+
+_FAMILIES = {"mixtral": _mixtral, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "olmoe": _olmoe,
+             "deepseek_v2": _deepseek, "deepseek_v3": _deepseek}
 
 
 def routing_from_hf(raw: dict) -> "RoutingConfig":
-    """The router policy a checkpoint was trained with, from its config.json.
-
-    Mixtral / Qwen-MoE / OLMoE: softmax top-k, renormalised per config (Mixtral always).
-    DeepSeek-V2: softmax, greedy or group_limited_greedy (group score = max), times
-    routed_scaling_factor, never renormalised. DeepSeek-V3: sigmoid scores, the
-    e_score_correction_bias for choosing only, grouped top-k (group score = sum of the top 2),
-    renormalised if norm_topk_prob, times routed_scaling_factor.
-    """
+    """The router policy a checkpoint was trained with, from its config.json (see RouterSpec)."""
     from moeserve.layers.routing import RoutingConfig   # layers import this module
 
     model_type = raw.get("model_type")
-    if model_type == "deepseek_v2":
-        grouped = raw.get("topk_method", "greedy") == "group_limited_greedy"
-        return RoutingConfig(
-            num_experts=raw["n_routed_experts"], top_k=raw["num_experts_per_tok"], scoring="softmax",
-            renormalize=False, routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
-            n_group=raw.get("n_group", 1) if grouped else 1, topk_group=raw.get("topk_group", 1) if grouped else 1,
-            group_score="max")
-    if model_type == "deepseek_v3":
-        return RoutingConfig(
-            num_experts=raw["n_routed_experts"], top_k=raw["num_experts_per_tok"], scoring="sigmoid",
-            renormalize=bool(raw.get("norm_topk_prob", True)),
-            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
-            n_group=raw.get("n_group", 1), topk_group=raw.get("topk_group", 1), group_score="top2_sum")
+    if model_type in ("deepseek_v2", "deepseek_v3"):
+        spec = _deepseek_router(raw, model_type)
+        renormalize = model_type == "deepseek_v3" and bool(raw.get("norm_topk_prob", True))
+        return routing_config(spec, raw["n_routed_experts"], raw["num_experts_per_tok"], renormalize)
     cfg = MoEModelConfig.from_hf(raw)
-    return RoutingConfig(num_experts=cfg.num_experts, top_k=cfg.top_k, scoring="softmax",
-                         renormalize=cfg.norm_topk_prob)
+    return routing_config(cfg.router, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob)
+
+
+def routing_config(spec: RouterSpec, num_experts: int, top_k: int, renormalize: bool) -> "RoutingConfig":
+    from moeserve.layers.routing import RoutingConfig
+
+    return RoutingConfig(
+        num_experts=num_experts, top_k=top_k, scoring=spec.scoring, renormalize=renormalize,
+        routed_scaling_factor=spec.routed_scaling_factor, n_group=spec.n_group, topk_group=spec.topk_group,
+        group_score=spec.group_score)

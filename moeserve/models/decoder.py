@@ -1,8 +1,8 @@
-"""The decoder shared by Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE.
+"""The decoder shared by Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V2/V3.
 
-These four differ only in what MoEModelConfig already says (q/k norm, shared expert, biases,
-dense layers, sliding windows), so one readable model serves them all; the checkpoint names that
-differ live in models/weight_names.py, read by the loader only.
+These differ only in what MoEModelConfig already says (GQA or latent attention, q/k norm, shared
+expert, biases, router policy, dense layers, sliding windows), so one readable model serves them
+all; the checkpoint names that differ live in models/weight_names.py, read by the loader only.
 
 Legend: T tokens in the step, H hidden, V vocab, E experts, NB KV blocks, BS block size.
 """
@@ -17,11 +17,11 @@ from torch import nn
 from moeserve.layers.linear import Linear
 
 from moeserve.layers.attention import Attention, AttentionMetadata
+from moeserve.layers.mla import MLAttention
 from moeserve.layers.moe import DenseMLP, MoELayer, MoEShape
-from moeserve.layers.routing import RoutingConfig
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding
-from moeserve.models.config import MoEModelConfig
+from moeserve.models.config import MoEModelConfig, routing_config
 from moeserve.parallel.expert_parallel import ExpertParallel
 
 
@@ -30,7 +30,7 @@ class DecoderLayer(nn.Module):
                  moe_shape: MoEShape | None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, layer_idx, rotary)
+        self.attn = MLAttention(cfg, layer_idx, rotary) if cfg.mla else Attention(cfg, layer_idx, rotary)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.moe = MoELayer(moe_shape) if moe_shape is not None else None
         self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size) if moe_shape is None else None
@@ -54,12 +54,13 @@ class MoEDecoder(nn.Module):
     def __init__(self, cfg: MoEModelConfig, first_expert: int = 0, num_local_experts: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
-        routing = RoutingConfig(cfg.num_experts, cfg.top_k, "softmax", cfg.norm_topk_prob)
+        rotary = RotaryEmbedding(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings,
+                                 interleaved=bool(cfg.mla and cfg.mla.rope_interleave))
+        routing = routing_config(cfg.router, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob)
         moe_shape = MoEShape(
             hidden=cfg.hidden_size, intermediate=cfg.moe_intermediate_size, routing=routing,
             shared_intermediate=cfg.shared_expert_intermediate_size, shared_gated=cfg.shared_expert_gated,
-            first_expert=first_expert, num_local=num_local_experts)
+            first_expert=first_expert, num_local=num_local_experts, correction_bias=cfg.router.correction_bias)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, rotary, moe_shape if cfg.moe_layers[i] else None) for i in range(cfg.num_layers))
@@ -87,7 +88,7 @@ class MoEDecoder(nn.Module):
         self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_caches: torch.Tensor) -> torch.Tensor:
-        # input_ids [T]; kv_caches [layers, 2, NB, BS, NKV, D] -> hidden [T, H] (final-normed)
+        # input_ids [T]; kv_caches [layers, *kv_cache_layer_shape] -> hidden [T, H] (final-normed)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             row = self.expert_totals[self._moe_row[i]] if layer.moe is not None and self.count_experts else None

@@ -12,6 +12,8 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "qwen2_moe": MoEDecoder,
     "qwen3_moe": MoEDecoder,
     "olmoe": MoEDecoder,
+    "deepseek_v2": MoEDecoder,
+    "deepseek_v3": MoEDecoder,
 }
 
 

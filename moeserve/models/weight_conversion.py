@@ -20,6 +20,9 @@ QUANTIZATIONS = ("int8",)
 # Linears that stay in full precision under --quantization: routers pick experts from small
 # logit differences, and the shared-expert gate is one row.
 _FULL_PRECISION = ("router", "shared_gate")
+# Parameters kept in float32 whatever the serving dtype: DeepSeek-V3's router correction bias is
+# added to sigmoid scores in [0, 1], where bf16 rounding would change which experts are chosen.
+_FLOAT32_PARAMS = ("score_bias",)
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,10 @@ class WeightConversion:
         module = model.get_submodule(module_name)
         fmt = self.formats.get(name)
         if fmt is None:
-            value = tensor.to(device=self.device, dtype=self.dtype if tensor.is_floating_point() else None)
+            dtype = self.dtype if tensor.is_floating_point() else None
+            if attr in _FLOAT32_PARAMS:
+                dtype = torch.float32
+            value = tensor.to(device=self.device, dtype=dtype)
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
         elif isinstance(module, Experts):
             module.pack(attr, tensor, fmt)

@@ -53,6 +53,25 @@ _QWEN_LAYER = {
 }
 _QWEN_EXPERTS = ExpertNames("mlp.experts", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
 
+_DEEPSEEK_LAYER = {
+    "attn_norm.weight": ("input_layernorm.weight",),
+    "mlp_norm.weight": ("post_attention_layernorm.weight",),
+    # the query's first projection fused with kv_a_proj_with_mqa (q_lora_rank null / set)
+    "attn.q_kv_a.weight": ("self_attn.q_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+    "attn.q_a_kv_a.weight": ("self_attn.q_a_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+    "attn.q_a_norm.weight": ("self_attn.q_a_layernorm.weight",),
+    "attn.q_b.weight": ("self_attn.q_b_proj.weight",),
+    "attn.kv_a_norm.weight": ("self_attn.kv_a_layernorm.weight",),
+    "attn.kv_b_weight": ("self_attn.kv_b_proj.weight",),
+    "attn.o.weight": ("self_attn.o_proj.weight",),
+    "moe.router.weight": ("mlp.gate.weight",),
+    "moe.score_bias": ("mlp.gate.e_score_correction_bias",),
+    "moe.shared.gate_up.weight": ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight"),
+    "moe.shared.down.weight": ("mlp.shared_experts.down_proj.weight",),
+    "mlp.gate_up.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.down.weight": ("mlp.down_proj.weight",),
+}
+
 WEIGHT_NAMES: dict[str, WeightNames] = {
     "mixtral": WeightNames(
         "model.layers.{i}.",
@@ -62,4 +81,8 @@ WEIGHT_NAMES: dict[str, WeightNames] = {
     "qwen2_moe": WeightNames("model.layers.{i}.", _QWEN_LAYER, _QWEN_EXPERTS, _TOP),
     "qwen3_moe": WeightNames("model.layers.{i}.", _QWEN_LAYER, _QWEN_EXPERTS, _TOP),
     "olmoe": WeightNames("model.layers.{i}.", _QWEN_LAYER, _QWEN_EXPERTS, _TOP),
+    # DeepSeek-V3 checkpoints also hold the multi-token-prediction layer (model.layers.61 in V3);
+    # it is never read: only the layers the config counts are.
+    "deepseek_v2": WeightNames("model.layers.{i}.", _DEEPSEEK_LAYER, _QWEN_EXPERTS, _TOP),
+    "deepseek_v3": WeightNames("model.layers.{i}.", _DEEPSEEK_LAYER, _QWEN_EXPERTS, _TOP),
 }

@@ -3,7 +3,8 @@
 Legend: T tokens in the step, B decode sequences, S sampled sequences, V vocab,
 NB KV blocks, BS block size, NKV kv heads, D head dim.
 
-It owns the paged KV cache, one tensor [layers, 2, NB, BS, NKV, D]. The flat batch puts the
+It owns the paged KV cache, one tensor [layers, 2, NB, BS, NKV, D] (GQA) or [layers, NB, BS, R + DR]
+(latent attention: MoEModelConfig.kv_cache_layer_shape). The flat batch puts the
 decode tokens first and the prefill chunks after them (see layers/attention.py); outputs are
 returned in the batch's own order.
 """
@@ -29,7 +30,7 @@ class PreparedStep:
 
 def kv_bytes_per_block(cfg: MoEModelConfig, block_size: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
-    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
+    return cfg.num_layers * block_size * cfg.kv_values_per_token * elem
 
 
 class ModelRunner:
@@ -39,8 +40,9 @@ class ModelRunner:
         self.model, self.cfg, self.device = model, cfg, device
         self.block_size = block_size
         self.sampler = sampler
-        self.kv_caches = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads,
-                                     cfg.head_dim, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.kv_caches = torch.zeros(cfg.num_layers, *cfg.kv_cache_layer_shape(num_blocks, block_size),
+                                     dtype=dtype, device=device)
         self._block_offsets = torch.arange(block_size, device=device)   # [BS]
 
     @torch.inference_mode()

@@ -54,7 +54,7 @@ def test_tight_capacity_drops_routes_and_generates(mixtral_dir, policy):
         assert all(math.isfinite(entry["logprob"]) for entry in out.outputs[0].logprobs)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "olmoe", "deepseek_v2", "deepseek_v3"])
 def test_huge_capacity_equals_dropless(arch, tiny_checkpoints):
     prompts = random_prompts(PROMPT_LENS, seed=4)
     dropless = make_llm(tiny_checkpoints[arch]).generate(prompts, PARAMS)

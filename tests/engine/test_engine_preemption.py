@@ -22,11 +22,12 @@ BLOCK_SIZE = 16
 SMALL_CACHE_BLOCKS = 20
 
 
-@pytest.fixture(scope="module")
-def engines(mixtral_dir):
-    small_kv = kv_bytes_for_blocks(mixtral_dir, SMALL_CACHE_BLOCKS)
-    small = make_llm(mixtral_dir, kv_cache_memory=small_kv, max_num_batched_tokens=128)
-    large = make_llm(mixtral_dir, max_num_batched_tokens=128)
+@pytest.fixture(scope="module", params=["mixtral", "deepseek_v3"])   # paged K/V, paged latents (MLA)
+def engines(request, tiny_checkpoints):
+    model_dir = tiny_checkpoints[request.param]
+    small_kv = kv_bytes_for_blocks(model_dir, SMALL_CACHE_BLOCKS)
+    small = make_llm(model_dir, kv_cache_memory=small_kv, max_num_batched_tokens=128)
+    large = make_llm(model_dir, max_num_batched_tokens=128)
     assert small.engine.num_kv_blocks == SMALL_CACHE_BLOCKS
     return small, large
 

@@ -26,7 +26,7 @@ SAMPLING = (SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
             SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "deepseek_v3"])
 def checkpoint(request, tmp_path_factory):
     return request.param, write_checkpoint(tmp_path_factory.mktemp(request.param), request.param)
 
@@ -70,28 +70,45 @@ def _serve(model_dir, expert_metrics: str = "full"):
 def _moe_layer_ids(model) -> list[int]:
     """Indices of the decoder layers that hold a sparse MoE block, found in transformers' modules."""
     return [i for i, layer in enumerate(model.model.layers)
-            if any(type(m).__name__.endswith("SparseMoeBlock") for m in layer.modules())]
+            if any(type(m).__name__.endswith(("SparseMoeBlock", "V3MoE")) for m in layer.modules())]
+
+
+def _routes(model, seq: list[int], num_experts: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per MoE layer: (scores the choice ranks [T, E], chosen experts [T, K]) by transformers.
+    Softmax routers: from the router logits. DeepSeek-V3: its router's own choice (sigmoid
+    scores + correction bias within the best groups), taken from a forward hook."""
+    top_k = model.config.num_experts_per_tok
+    routers = [m for m in model.modules() if type(m).__name__.endswith("TopkRouter")]
+    if not routers:
+        out = model(torch.tensor([seq]), output_router_logits=True)
+        probs = [logits.float().reshape(-1, num_experts).softmax(dim=-1) for logits in out.router_logits]
+        return [(p, p.topk(top_k, dim=-1).indices) for p in probs]
+    seen = []
+    hooks = [r.register_forward_hook(lambda m, i, o: seen.append((o[0].sigmoid() + m.e_score_correction_bias, o[2])))
+             for r in routers]
+    model(torch.tensor([seq]))
+    for hook in hooks:
+        hook.remove()
+    return seen
 
 
 @torch.no_grad()
 def _hf_recount(model, sequences: list[list[int]]) -> tuple[dict[tuple[str, str], int], int]:
     """{(layer, expert): routes} by transformers, and the number of near-tie routing decisions."""
     cfg = model.config
-    num_experts = getattr(cfg, "num_local_experts", None) or cfg.num_experts
+    num_experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "n_routed_experts", None) or cfg.num_experts
     top_k = cfg.num_experts_per_tok
     layer_ids = _moe_layer_ids(model)
     counts = torch.zeros(len(layer_ids), num_experts, dtype=torch.int64)
     near_ties = 0
     for seq in sequences:
-        out = model(torch.tensor([seq]), output_router_logits=True)
-        assert len(out.router_logits) == len(layer_ids)
-        for row, logits in enumerate(out.router_logits):              # [T, E] per MoE layer
-            probs = logits.float().reshape(-1, num_experts).softmax(dim=-1)
-            assert probs.shape[0] == len(seq)
-            ranked = probs.sort(dim=-1, descending=True).values
+        routes = _routes(model, seq, num_experts)
+        assert len(routes) == len(layer_ids)
+        for row, (scores, chosen) in enumerate(routes):               # [T, E], [T, K] per MoE layer
+            assert scores.shape[0] == len(seq)
+            ranked = scores.sort(dim=-1, descending=True).values
             near_ties += int((ranked[:, top_k - 1] - ranked[:, top_k] < NEAR_TIE).sum())
-            chosen = probs.topk(top_k, dim=-1).indices.flatten()
-            counts[row] += torch.bincount(chosen, minlength=num_experts)
+            counts[row] += torch.bincount(chosen.flatten(), minlength=num_experts)
     table = {(str(layer), str(e)): int(counts[row, e])
              for row, layer in enumerate(layer_ids) for e in range(num_experts)}
     return table, near_ties
@@ -113,6 +130,8 @@ def test_expert_counts_match_transformers_router(checkpoint, hf_model):
     want, near_ties = _hf_recount(hf_model, fed)
     if arch == "qwen2_moe":      # mlp_only_layers=[1]: layer labels are model layer ids 0 and 2
         assert {layer for layer, _ in got} == {"0", "2"}
+    if arch == "deepseek_v3":    # first_k_dense_replace=1: the dense layer 0 exports no expert series
+        assert {layer for layer, _ in got} == {"1", "2"}
     top_k = hf_model.config.num_experts_per_tok
     for layer in {layer for layer, _ in want}:
         assert sum(v for (l, _), v in got.items() if l == layer) == top_k * sum(map(len, fed))

@@ -74,7 +74,7 @@ def _with_rope(arch: str, **fields) -> dict:
     # v5: everything inside rope_parameters
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
                           "original_max_position_embeddings": 32768, "attention_factor": 0.8}},
-     RopeConfig(theta=1e6, type="yarn", factor=4.0, original_max_position=32768, mscale=0.8)),
+     RopeConfig(theta=1e6, type="yarn", factor=4.0, original_max_position=32768, attention_factor=0.8)),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 2e4}}, RopeConfig(theta=2e4)),
 ])
 def test_rope_old_and_new_style(fields: dict, expected: RopeConfig) -> None:
@@ -118,3 +118,50 @@ def test_missing_required_field_is_named() -> None:
 def test_inconsistent_heads_rejected() -> None:
     with pytest.raises(CheckpointError, match="multiple of num_key_value_heads"):
         MoEModelConfig.from_hf(raw_config("mixtral", num_key_value_heads=3))
+
+
+# --- DeepSeek-V2 / V3 (MLA) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_normalises_against_the_hf_model(arch: str) -> None:
+    raw = raw_config(arch)
+    ours = MoEModelConfig.from_hf(raw)
+    model = hf.AutoModelForCausalLM.from_config(hf_config(arch))
+    attn = model.model.layers[0].self_attn
+    assert ours.moe_layers == tuple(hasattr(layer.mlp, "experts") for layer in model.model.layers) == \
+        (False, True, True)
+    assert ours.softmax_scale == pytest.approx(attn.scaling)             # YaRN's mscale_all_dim correction
+    assert ours.softmax_scale != pytest.approx(ours.mla.qk_head_dim ** -0.5)
+    assert (ours.mla.q_lora_rank, ours.num_kv_heads, ours.head_dim) == (attn.q_lora_rank, ours.num_heads, 24)
+    assert ours.kv_values_per_token == raw["kv_lora_rank"] + raw["qk_rope_head_dim"]
+    assert ours.shared_expert_intermediate_size == raw["moe_intermediate_size"] * raw["n_shared_experts"]
+    assert ours.router.correction_bias == (arch == "deepseek_v3")
+    assert ours.router.scoring == ("sigmoid" if arch == "deepseek_v3" else "softmax")
+
+
+def test_deepseek_moe_layer_freq_and_dense_prefix() -> None:
+    raw = raw_config("deepseek_v2", num_hidden_layers=6, first_k_dense_replace=2)
+    raw["moe_layer_freq"] = 2      # DeepSeek's own code: MoE where i >= first_k and i % freq == 0
+    assert MoEModelConfig.from_hf(raw).moe_layers == (False, False, True, False, True, False)
+
+
+def test_deepseek_v3_rope_interleave_flag_and_v3_kv_heads_ignored() -> None:
+    raw = raw_config("deepseek_v3", rope_interleave=False)
+    raw["num_key_value_heads"] = 128          # DeepseekV3Config's default: meaningless under MLA
+    cfg = MoEModelConfig.from_hf(raw)
+    assert not cfg.mla.rope_interleave and cfg.num_kv_heads == cfg.num_heads
+
+
+@pytest.mark.parametrize("field", ["attention_bias", "mlp_bias"])
+def test_deepseek_biases_are_refused(field: str) -> None:
+    raw = raw_config("deepseek_v2")
+    raw[field] = True
+    with pytest.raises(CheckpointError, match=field):
+        MoEModelConfig.from_hf(raw)
+
+
+def test_yarn_factor_from_the_two_lengths() -> None:
+    raw = raw_config("deepseek_v3", max_position_embeddings=4096)
+    raw["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": None,
+                              "original_max_position_embeddings": 1024}
+    assert MoEModelConfig.from_hf(raw).rope.factor == 4.0

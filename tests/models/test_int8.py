@@ -38,7 +38,8 @@ WORKLOAD = dict(num_prompts=8, prompt_len=16, gen_len=8)
 #   5% noise      3.0e-2 53%   1.6e-2 56%   1.2e-2 69%   8.7e-3 66%   (the broken control)
 # int8 is about as far as 1% relative Gaussian noise on every weight matrix. The thresholds sit
 # ~2x above the 7-bit case and ~2x below the 5% noise control.
-MAX_MEAN_KL = {"mixtral": 1.5e-2, "qwen2_moe": 5e-3, "qwen3_moe": 4e-3, "olmoe": 4e-3}
+MAX_MEAN_KL = {"mixtral": 1.5e-2, "qwen2_moe": 5e-3, "qwen3_moe": 4e-3, "olmoe": 4e-3, "deepseek_v2": 4e-3,
+               "deepseek_v3": 8e-3}
 MIN_TOP1 = 80.0
 NOISE = 0.05
 
