@@ -1,7 +1,8 @@
 """Load a Hugging Face MoE checkpoint directory into a moeserve model.
 
 Tensors are read lazily, one name at a time, through safetensors' safe_open: a rank that owns a
-subset of the experts never reads the others. Pickle (.bin) checkpoints are refused.
+subset of the experts never reads the others. Pickle (.bin) checkpoints are refused. FP8
+block-quantized weights (quantization_config fp8) come out of the reader dequantized to float32.
 """
 
 from __future__ import annotations
@@ -17,20 +18,28 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from moeserve.errors import CheckpointError
-from moeserve.models.config import MoEModelConfig
+from moeserve.models.config import CheckpointQuant, MoEModelConfig
 from moeserve.models.registry import model_class
-from moeserve.models.weight_conversion import WeightConversion, materialize_buffers, plan_conversion
+from moeserve.models.weight_conversion import (WeightConversion, dequantize_fp8_blocks, materialize_buffers,
+                                               plan_conversion)
 from moeserve.models.weight_names import WEIGHT_NAMES, WeightNames
 
 log = logging.getLogger(__name__)
 _LAYER_PARAM = re.compile(r"layers\.(\d+)\.(.+)")
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)   # what weight_scale_inv blocks scale
 
 
 class CheckpointReader:
-    """Maps tensor names to safetensors files and reads one tensor at a time."""
+    """Maps tensor names to safetensors files and reads one tensor at a time.
 
-    def __init__(self, model_dir: Path) -> None:
+    A float8 tensor is returned dequantized (float32) with its `<name>_scale_inv` when `quant` says
+    the checkpoint is FP8 block-quantized, and refused otherwise: served as stored, without its
+    scales, it would be garbage.
+    """
+
+    def __init__(self, model_dir: Path, quant: CheckpointQuant | None = None) -> None:
         self.model_dir = model_dir
+        self.quant = quant
         self.files = self._index(model_dir)              # tensor name -> file
         self._stack = ExitStack()
         self._handles: dict[Path, object] = {}
@@ -62,7 +71,30 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Tensor `name` (only `rows` of dim 0 when given: a rank's slice of stacked experts)."""
+        tensor = self._read(name, rows)
+        if tensor.dtype.is_floating_point and tensor.element_size() == 1:
+            tensor = self._dequantize(name, tensor, rows)
+        return tensor
+
+    def _dequantize(self, name: str, tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        """float8 [..., out, in] -> float32; float32 because place() casts or quantizes it next."""
+        if tensor.dtype not in _FP8_DTYPES:
+            raise CheckpointError(f"{self.model_dir}: tensor {name!r} is {tensor.dtype}, which moeserve cannot load")
+        if self.quant is None:
+            raise CheckpointError(
+                f"{self.model_dir}: tensor {name!r} is {tensor.dtype} but config.json has no fp8 "
+                "quantization_config: without its block scales it would be served as garbage")
+        scale_name = f"{name}_scale_inv"
+        if scale_name not in self.files:
+            raise CheckpointError(
+                f"{self.model_dir}: tensor {name!r} is {tensor.dtype} but its scales {scale_name!r} are missing "
+                "from the checkpoint: without them it would be served as garbage")
+        scale = self._read(scale_name, rows)         # [..., ceil(out/b0), ceil(in/b1)]
+        return dequantize_fp8_blocks(tensor, scale, self.quant.block_size, torch.float32, name)
+
+    def _read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         file = self.files.get(name)
         if file is None:
             raise CheckpointError(f"{self.model_dir}: tensor {name!r} is missing from the checkpoint")
@@ -72,7 +104,8 @@ class CheckpointReader:
                 if not file.is_file():
                     raise CheckpointError(f"{file}: listed in the index but the file does not exist")
                 handle = self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
-            return handle.get_tensor(name)
+            # get_slice reads only the rows asked for, not the whole stacked tensor
+            return handle.get_tensor(name) if rows is None else handle.get_slice(name)[rows]
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from exc
 
@@ -100,7 +133,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
         conversion = plan_conversion(model, dtype, device, quantization, quantize_lm_head)
     else:
         conversion = WeightConversion(dtype, device)
-    reader = _open_reader(model_dir)
+    reader = _open_reader(model_dir, cfg.checkpoint_quant)
     names = WEIGHT_NAMES[cfg.architecture]
     try:
         params = list(model.named_parameters())    # a tied lm_head is listed once, as embed
@@ -119,9 +152,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     return model.eval()
 
 
-def _open_reader(model_dir: Path) -> CheckpointReader:
+def _open_reader(model_dir: Path, quant: CheckpointQuant | None) -> CheckpointReader:
     try:
-        return CheckpointReader(model_dir)
+        return CheckpointReader(model_dir, quant)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{model_dir}: unreadable safetensors file ({exc})") from exc
 
@@ -165,7 +198,7 @@ def _read_experts(reader: CheckpointReader, names: WeightNames, prefix: str, gat
     base = prefix + e_names.prefix
     fused = f"{base}.{e_names.fused_gate_up if gate_up else e_names.fused_down}"
     if f"{base}.{experts.start}.{e_names.gate}" not in reader and fused in reader:
-        return reader.get(fused)[experts.start: experts.stop]
+        return reader.get(fused, rows=slice(experts.start, experts.stop))    # [E_local, ...]
     stacked, labels = [], []
     for e in experts:
         if gate_up:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from moeserve.errors import CheckpointError
 from moeserve.layers.linear import Linear, WeightFormat, choose_format
 from moeserve.layers.moe import Experts
 
@@ -78,3 +79,30 @@ def materialize_buffers(model: nn.Module, dtype: torch.dtype, device: torch.devi
             if buf is not None and buf.is_meta:
                 kind = dtype if buf.is_floating_point() else buf.dtype
                 module._buffers[key] = torch.empty(buf.shape, dtype=kind, device=device)
+
+
+def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int],
+                          dtype: torch.dtype, name: str = "weight") -> torch.Tensor:
+    """FP8 block-quantized weight [..., out, in] -> `dtype` [..., out, in], computed in float32.
+
+    scale_inv [..., ceil(out/b0), ceil(in/b1)] multiplies each b0 x b1 block (DeepSeek-V3's
+    weight_scale_inv; blocks at the bottom and right edges may be partial). Leading dims (stacked
+    experts) pair up one to one.
+    """
+    if weight.dim() < 2:
+        raise CheckpointError(f"tensor {name!r}: a block-quantized weight needs 2 or more dims, "
+                              f"it has shape {tuple(weight.shape)}")
+    *lead, rows, cols = weight.shape
+    b0, b1 = block_size
+    nr, nc = -(-rows // b0), -(-cols // b1)
+    if tuple(scale_inv.shape) != (*lead, nr, nc):
+        raise CheckpointError(
+            f"tensor {name!r} has shape {tuple(weight.shape)}, so with weight_block_size {[b0, b1]} its "
+            f"scale_inv must have shape {(*lead, nr, nc)}; it has {tuple(scale_inv.shape)}")
+    # Pad to whole blocks so that one broadcast multiply scales every block, edges included;
+    # without padding (the common case) this is the only float32 copy.
+    padded = weight.new_zeros((*lead, nr * b0, nc * b1), dtype=torch.float32)
+    padded[..., :rows, :cols] = weight
+    blocks = padded.view(*lead, nr, b0, nc, b1)                           # [..., R, b0, C, b1]
+    blocks.mul_(scale_inv.to(torch.float32)[..., :, None, :, None])      # scale [..., R, 1, C, 1]
+    return padded[..., :rows, :cols].to(dtype).contiguous()
