@@ -84,6 +84,9 @@ class MoEDecoder(nn.Module):
     def post_load(self) -> None:
         """Fills the non-checkpoint buffers after the model was built on the meta device."""
         self.layers[0].attn.rotary.reset_tables()
+        for layer in self.layers:
+            if isinstance(layer.attn, MLAttention):
+                layer.attn.split_kv_b()
         self.expert_totals.zero_()
         self.tie_weights()
 
