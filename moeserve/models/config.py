@@ -352,6 +352,11 @@ def _deepseek_router(raw: dict, arch: Architecture) -> RouterSpec:
     scores, e_score_correction_bias for choosing only, grouped top-k (group score = sum of the
     top 2), renormalised if norm_topk_prob, times routed_scaling_factor."""
     scale = float(raw.get("routed_scaling_factor") or 1.0)
+    method, scoring = raw.get("topk_method"), raw.get("scoring_func")
+    known = ("greedy", "group_limited_greedy", None) if arch == "deepseek_v2" else ("noaux_tc", None)
+    if method not in known or scoring not in ((None, "softmax") if arch == "deepseek_v2" else (None, "sigmoid")):
+        raise CheckpointError(f"{arch}: router topk_method={method!r} scoring_func={scoring!r} is not supported "
+                              f"(topk_method {' / '.join(m for m in known if m)})")
     if arch == "deepseek_v2":
         grouped = raw.get("topk_method", "greedy") == "group_limited_greedy"
         return RouterSpec(scoring="softmax", routed_scaling_factor=scale,

@@ -165,3 +165,19 @@ def test_yarn_factor_from_the_two_lengths() -> None:
     raw["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": None,
                               "original_max_position_embeddings": 1024}
     assert MoEModelConfig.from_hf(raw).rope.factor == 4.0
+
+
+@pytest.mark.parametrize(("arch", "fields"), [
+    ("deepseek_v2", {"topk_method": "noaux_tc"}), ("deepseek_v3", {"topk_method": "greedy"}),
+    ("deepseek_v3", {"scoring_func": "softmax"})])
+def test_deepseek_unknown_router_is_refused(arch: str, fields: dict) -> None:
+    raw = raw_config(arch)
+    raw.update(fields)
+    with pytest.raises(CheckpointError, match="is not supported"):
+        MoEModelConfig.from_hf(raw)
+
+
+def test_deepseek_hub_style_router_fields_accepted() -> None:
+    raw = raw_config("deepseek_v3")
+    raw.update(topk_method="noaux_tc", scoring_func="sigmoid")       # as DeepSeek-V3's config.json
+    assert MoEModelConfig.from_hf(raw).router.scoring == "sigmoid"

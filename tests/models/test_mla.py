@@ -83,3 +83,11 @@ def test_neox_rope_layout_when_not_interleaved(make_checkpoint) -> None:
     harness.step([(s, s.chunk(len(s.tokens) - 3)) for s in seqs])
     for _ in range(3):
         harness.step([(s, s.chunk(1)) for s in seqs])
+
+
+def test_startup_logs_kv_bytes_per_token(checkpoint, caplog) -> None:
+    from moeserve.llm import LLM
+    with caplog.at_level("INFO", logger="moeserve.engine.engine"):
+        LLM(str(checkpoint), dtype="float32", kv_cache_memory=1 << 20, seed=0)
+    per_token = 3 * (24 + 8) * 4                       # layers x (kv_lora_rank + qk_rope_head_dim) x fp32
+    assert f"{per_token} bytes per token of latent (MLA)" in caplog.text
