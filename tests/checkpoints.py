@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 import transformers as hf
 
-ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                 "minimax_m2")
 _COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1,
                rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -33,6 +34,14 @@ def hf_config(arch: str, **overrides) -> hf.PretrainedConfig:
                              norm_topk_prob=False, clip_qkv=8.0, pad_token_id=1, eos_token_id=2)
     elif arch in ("deepseek_v2", "deepseek_v3"):
         cfg = _deepseek_config(arch)
+    elif arch == "glm4_moe":   # partial rotary, q/k/v bias, per-head q/k norm, V3 routing with groups
+        cfg = hf.Glm4MoeConfig(**_COMMON, head_dim=24, partial_rotary_factor=0.5, use_qk_norm=True,
+                               attention_bias=True, intermediate_size=96, moe_intermediate_size=32,
+                               n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
+                               first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True)
+    elif arch == "minimax_m2":  # partial rotary through the legacy rotary_dim, full-projection q/k norm
+        cfg = hf.MiniMaxM2Config(**_COMMON, head_dim=16, rotary_dim=8, intermediate_size=48, num_local_experts=8,
+                                 num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():

@@ -92,7 +92,11 @@ class RotaryEmbedding(nn.Module):
         self.sin = (emb.sin() * scaling).to(self.sin.device)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, step_cache: dict | None = None) -> torch.Tensor:
-        # positions [T]; x [T, heads, D] (queries and keys side by side: one pass for both)
+        # positions [T]; x [T, heads, Dh] (queries and keys side by side: one pass for both). With
+        # partial rotary (D < Dh: GLM-4.5, MiniMax-M2) only the first D dims of a head rotate.
+        if self.head_dim < x.shape[-1]:
+            rot, rest = x.split([self.head_dim, x.shape[-1] - self.head_dim], dim=-1)
+            return torch.cat((self.forward(positions, rot, step_cache), rest), dim=-1)
         cos, sin = self.lookup(positions, x.dtype, step_cache)  # [T, 1, D] x2
         if self.interleaved:
             half = self.head_dim // 2

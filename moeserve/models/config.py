@@ -15,7 +15,8 @@ from typing import Literal
 
 from moeserve.errors import CheckpointError
 
-Architecture = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+Architecture = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                       "minimax_m2"]
 QKNorm = Literal["none", "per_head", "full"]
 RopeType = Literal["default", "linear", "llama3", "yarn"]
 
@@ -27,10 +28,12 @@ HF_ARCHITECTURES: dict[str, Architecture] = {
     "OlmoeForCausalLM": "olmoe",
     "DeepseekV2ForCausalLM": "deepseek_v2",
     "DeepseekV3ForCausalLM": "deepseek_v3",
+    "Glm4MoeForCausalLM": "glm4_moe",
+    "MiniMaxM2ForCausalLM": "minimax_m2",
 }
 MODEL_TYPES: dict[str, Architecture] = {
     "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe",
-    "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3",
+    "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "glm4_moe": "glm4_moe", "minimax_m2": "minimax_m2",
 }
 # Checkpoint weight formats the loader converts (see models/weight_conversion.py); any other
 # quantization_config.quant_method is refused by name rather than loaded as garbage.
@@ -122,6 +125,7 @@ class MoEModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     mla: MLAConfig | None = None        # set: latent attention instead of GQA
+    rope_dim: int | None = None         # partial rotary: RoPE on the first rope_dim dims of a head
     router: RouterSpec = field(default_factory=RouterSpec)
     checkpoint_quant: CheckpointQuant | None = None
 
@@ -143,7 +147,9 @@ class MoEModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        return self.mla.qk_rope_head_dim if self.mla else self.head_dim
+        if self.mla:
+            return self.mla.qk_rope_head_dim
+        return self.rope_dim or self.head_dim
 
     @property
     def kv_values_per_token(self) -> int:
@@ -366,8 +372,52 @@ def _deepseek_router(raw: dict, arch: Architecture) -> RouterSpec:
                       topk_group=raw.get("topk_group") or 1, group_score="top2_sum", correction_bias=True)
 
 
+def _partial_rope_dim(raw: dict, head_dim: int) -> int | None:
+    """Rotary dims of a head when only part of it rotates (GLM-4.5, MiniMax-M2), else None."""
+    params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    factor = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    dim = raw.get("rotary_dim") or (int(head_dim * factor) if factor else None)
+    if dim is not None and not (0 < dim <= head_dim and dim % 2 == 0):
+        raise CheckpointError(f"rotary dims {dim} must be even and in (0, head_dim {head_dim}]")
+    return None if dim == head_dim else dim
+
+
+def _glm4_moe(raw: dict, arch: Architecture) -> MoEModelConfig:
+    """GLM-4.5 / 4.6 / Air: GQA with partial rotary, q/k/v bias, optional per-head q/k norm, and
+    DeepSeek-V3's MoE (sigmoid routing with correction bias and groups, shared experts, dense
+    first layers, routed_scaling_factor)."""
+    common = _common(raw, arch)
+    first_dense = raw.get("first_k_dense_replace") or 0
+    moe_inter = raw["moe_intermediate_size"]
+    return MoEModelConfig(
+        **common, intermediate_size=raw["intermediate_size"], moe_intermediate_size=moe_inter,
+        num_experts=raw["n_routed_experts"], top_k=raw["num_experts_per_tok"],
+        norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+        moe_layers=tuple(i >= first_dense for i in range(common["num_layers"])),
+        shared_expert_intermediate_size=moe_inter * (raw.get("n_shared_experts") or 0),
+        qk_norm="per_head" if raw.get("use_qk_norm") else "none", qkv_bias=bool(raw.get("attention_bias")),
+        rope_dim=_partial_rope_dim(raw, common["head_dim"]),
+        router=RouterSpec(scoring="sigmoid", routed_scaling_factor=float(raw.get("routed_scaling_factor") or 1.0),
+                          n_group=raw.get("n_group") or 1, topk_group=raw.get("topk_group") or 1,
+                          group_score="top2_sum", correction_bias=True))
+
+
+def _minimax_m2(raw: dict, arch: Architecture) -> MoEModelConfig:
+    """MiniMax-M2: Mixtral-shaped experts, sigmoid routing with a correction bias (renormalised
+    over the top-k), q/k RMSNorm over the whole projection, partial rotary."""
+    common = _common(raw, arch)
+    if raw.get("scoring_func", "sigmoid") != "sigmoid":
+        raise CheckpointError(f"minimax_m2: scoring_func {raw['scoring_func']!r} is not supported (sigmoid)")
+    return MoEModelConfig(
+        **common, intermediate_size=raw["intermediate_size"], moe_intermediate_size=raw["intermediate_size"],
+        num_experts=raw["num_local_experts"], top_k=raw["num_experts_per_tok"], norm_topk_prob=True,
+        moe_layers=(True,) * common["num_layers"], qk_norm="full",
+        rope_dim=_partial_rope_dim(raw, common["head_dim"]),
+        router=RouterSpec(scoring="sigmoid", correction_bias=True))
+
+
 _FAMILIES = {"mixtral": _mixtral, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "olmoe": _olmoe,
-             "deepseek_v2": _deepseek, "deepseek_v3": _deepseek}
+             "deepseek_v2": _deepseek, "deepseek_v3": _deepseek, "glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2}
 
 
 def routing_from_hf(raw: dict) -> "RoutingConfig":

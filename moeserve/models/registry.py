@@ -14,6 +14,8 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "olmoe": MoEDecoder,
     "deepseek_v2": MoEDecoder,
     "deepseek_v3": MoEDecoder,
+    "glm4_moe": MoEDecoder,
+    "minimax_m2": MoEDecoder,
 }
 
 

@@ -72,6 +72,14 @@ _DEEPSEEK_LAYER = {
     "mlp.down.weight": ("mlp.down_proj.weight",),
 }
 
+_DEEPSEEK_MLP = {k: v for k, v in _DEEPSEEK_LAYER.items() if k.startswith(("moe.", "mlp."))}
+_GLM4_MOE_LAYER = {**_ATTN, **_DEEPSEEK_MLP}     # GQA attention, DeepSeek-V3's MoE names
+_MINIMAX_M2_LAYER = {
+    **_ATTN,
+    "moe.router.weight": ("block_sparse_moe.gate.weight",),
+    "moe.score_bias": ("block_sparse_moe.e_score_correction_bias",),
+}
+
 WEIGHT_NAMES: dict[str, WeightNames] = {
     "mixtral": WeightNames(
         "model.layers.{i}.",
@@ -85,4 +93,9 @@ WEIGHT_NAMES: dict[str, WeightNames] = {
     # it is never read: only the layers the config counts are.
     "deepseek_v2": WeightNames("model.layers.{i}.", _DEEPSEEK_LAYER, _QWEN_EXPERTS, _TOP),
     "deepseek_v3": WeightNames("model.layers.{i}.", _DEEPSEEK_LAYER, _QWEN_EXPERTS, _TOP),
+    # GLM-4.5 checkpoints carry their next-token-prediction layer after the last one: never read.
+    "glm4_moe": WeightNames("model.layers.{i}.", _GLM4_MOE_LAYER, _QWEN_EXPERTS, _TOP),
+    "minimax_m2": WeightNames(
+        "model.layers.{i}.", _MINIMAX_M2_LAYER,
+        ExpertNames("block_sparse_moe.experts", "w1.weight", "w3.weight", "w2.weight"), _TOP),
 }

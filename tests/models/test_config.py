@@ -181,3 +181,33 @@ def test_deepseek_hub_style_router_fields_accepted() -> None:
     raw = raw_config("deepseek_v3")
     raw.update(topk_method="noaux_tc", scoring_func="sigmoid")       # as DeepSeek-V3's config.json
     assert MoEModelConfig.from_hf(raw).router.scoring == "sigmoid"
+
+
+# --- GLM-4.5 and MiniMax-M2 ---------------------------------------------------------------------
+
+def test_glm4_moe_normalises() -> None:
+    cfg = MoEModelConfig.from_hf(raw_config("glm4_moe"))
+    assert (cfg.rotary_dim, cfg.head_dim, cfg.qk_norm, cfg.qkv_bias, cfg.o_bias) == (12, 24, "per_head", True, False)
+    assert cfg.moe_layers == (False, True, True) and cfg.shared_expert_intermediate_size == 32
+    assert (cfg.router.scoring, cfg.router.correction_bias, cfg.router.n_group, cfg.router.topk_group,
+            cfg.router.group_score, cfg.router.routed_scaling_factor) == ("sigmoid", True, 4, 2, "top2_sum", 2.5)
+
+
+def test_glm4_moe_hub_style_top_level_partial_rotary_factor() -> None:
+    raw = raw_config("glm4_moe")
+    raw["rope_parameters"].pop("partial_rotary_factor")
+    raw["partial_rotary_factor"] = 0.25        # as GLM-4.5's config.json has it
+    assert MoEModelConfig.from_hf(raw).rotary_dim == 6
+
+
+def test_minimax_m2_normalises() -> None:
+    cfg = MoEModelConfig.from_hf(raw_config("minimax_m2"))
+    assert (cfg.rotary_dim, cfg.head_dim, cfg.qk_norm, cfg.norm_topk_prob) == (8, 16, "full", True)
+    assert (cfg.router.scoring, cfg.router.correction_bias, cfg.router.n_group) == ("sigmoid", True, 1)
+
+
+def test_odd_rotary_dim_is_refused() -> None:
+    raw = raw_config("minimax_m2")
+    raw["rotary_dim"] = 7
+    with pytest.raises(CheckpointError, match="rotary dims 7"):
+        MoEModelConfig.from_hf(raw)

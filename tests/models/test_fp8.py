@@ -33,7 +33,8 @@ from moeserve.worker.model_runner import ModelRunner
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from quant_quality import teacher_forced_compare  # noqa: E402
 
-FP8_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FP8_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
+                     "minimax_m2")
 # Divides some weight dims (96, 48 rows; 80 cols) and not others (64, 32, 128 rows; 64, 96, 48
 # cols): whole blocks, and partial ones at the bottom and right edges.
 EDGE_BLOCK = (24, 20)
@@ -50,7 +51,7 @@ WORKLOAD = dict(num_prompts=8, prompt_len=16, gen_len=8)
 # qwen3_moe 8.7e-4, olmoe 4.9e-4 (the same as int8 from the dequantized checkpoint); scales
 # shifted by one block (the control): 0.16, 0.14, 0.065, 0.071.
 MAX_MEAN_KL = {"mixtral": 1.5e-2, "qwen2_moe": 5e-3, "qwen3_moe": 4e-3, "olmoe": 4e-3, "deepseek_v2": 4e-3,
-               "deepseek_v3": 8e-3}
+               "deepseek_v3": 8e-3, "glm4_moe": 8e-3, "minimax_m2": 8e-3}
 MIN_TOP1 = 80.0
 
 
