@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 # tests/ has no __init__.py: make `tests.checkpoints` importable however pytest is started.
 _REPO = str(Path(__file__).resolve().parents[2])
@@ -24,15 +23,6 @@ from tests.engine.engine_helpers import make_llm  # noqa: E402
 
 from moeserve.llm import LLM  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The models here are tiny: a second intra-op thread buys nothing, and on a busy 2-core
-    machine spinning threads make every step 10x slower. Restored after each module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

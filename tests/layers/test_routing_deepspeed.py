@@ -25,14 +25,6 @@ REFERENCE = torch.load(DATA, weights_only=True)
 CASES = REFERENCE["cases"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: on a busy 2-core machine a second intra-op thread makes each call ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _case_id(c: dict) -> str:
     cf = "dropless" if c["capacity_factor"] is None else f"cf{c['capacity_factor']}-mc{c['min_capacity']}"

@@ -23,12 +23,3 @@ def builtin_model_dir(metrics_cache_dir) -> Path:
     from moeserve.models.builtin import ensure_builtin_model
     return ensure_builtin_model(metrics_cache_dir)
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: the models here are tiny, and two threads spin on a busy 2-core machine."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

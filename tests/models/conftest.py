@@ -28,3 +28,4 @@ def make_checkpoint(tmp_path_factory) -> MakeCheckpoint:
         return cache[name]
 
     return make
+

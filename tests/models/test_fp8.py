@@ -43,29 +43,15 @@ WHOLE_BLOCK = (16, 16)      # divides every weight dim: what transformers' own F
 WHOLE_BLOCKS = {"deepseek_v2": (8, 8), "deepseek_v3": (4, 4)}
 ATOL = 1e-4
 BLOCK_SIZE, NUM_BLOCKS = 16, 8
-F32 = dict(dtype=torch.float32, pack=False)
-INT8 = dict(dtype=torch.float32, quantization="int8")
-WORKLOAD = dict(num_prompts=8, prompt_len=16, gen_len=8)
-# test_int8.py's thresholds (int8 on the plain checkpoints, room for CPUs without VNNI). Measured
-# here, mean KL int8-from-FP8 vs the dequantized float model: mixtral 1.7e-3, qwen2_moe 6.5e-4,
-# qwen3_moe 8.7e-4, olmoe 4.9e-4 (the same as int8 from the dequantized checkpoint); scales
-# shifted by one block (the control): 0.16, 0.14, 0.065, 0.071.
-MAX_MEAN_KL = {"mixtral": 1.5e-2, "qwen2_moe": 5e-3, "qwen3_moe": 4e-3, "olmoe": 4e-3, "deepseek_v2": 4e-3,
-               "deepseek_v3": 8e-3, "glm4_moe": 8e-3, "minimax_m2": 8e-3}
-MIN_TOP1 = 80.0
+# test_int8.py's workload and thresholds (int8 on the plain checkpoints, room for CPUs without
+# VNNI). Measured here, mean KL int8-from-FP8 vs the dequantized float model: mixtral 1.7e-3,
+# qwen2_moe 6.5e-4, qwen3_moe 8.7e-4, olmoe 4.9e-4 (the same as int8 from the dequantized
+# checkpoint); scales shifted by one block (the control): 0.16, 0.14, 0.065, 0.071.
+from test_int8 import F32, INT8, MAX_MEAN_KL, MIN_TOP1, WORKLOAD  # noqa: E402
 
 
 def _load(directory: Path, dtype: torch.dtype = torch.float32, **kwargs) -> torch.nn.Module:
     return load_model(directory, dtype, progress=False, **kwargs)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second thread buys nothing and makes a busy 2-core machine far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -44,15 +44,6 @@ MIN_TOP1 = 80.0
 NOISE = 0.05
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second thread buys nothing and makes a busy 2-core machine far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def mixtral_dir(make_checkpoint) -> Path:
     return make_checkpoint("int8_mixtral", "mixtral")

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-import torch
 
 # tests/ has no __init__.py: make `tests.server.api_helpers` importable however pytest is started.
 _REPO = str(Path(__file__).resolve().parents[2])
@@ -41,15 +40,6 @@ def pytest_collection_modifyitems(config, items):
         wanted |= set(getattr(item, "fixturenames", ())) & set(SERVER_FLAGS)
     config.stash[_WANTED] = wanted
 
-
-@pytest.fixture(scope="session", autouse=True)
-def _one_torch_thread():
-    """In-process engines: one intra-op thread (the model is tiny; two threads spin on a busy
-    2-core machine). The live servers get OMP_NUM_THREADS=1 for the same reason."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
