@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import transformers as hf
 
-ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 _COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1,
                rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -33,6 +33,8 @@ def hf_config(arch: str, **overrides) -> hf.PretrainedConfig:
                              norm_topk_prob=False, clip_qkv=8.0, pad_token_id=1, eos_token_id=2)
     elif arch in ("deepseek_v2", "deepseek_v3"):
         cfg = _deepseek_config(arch)
+    elif arch == "gpt_oss":
+        cfg = hf.GptOssConfig(**_GPT_OSS)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
@@ -47,6 +49,17 @@ _MLA = dict(kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim
             n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, intermediate_size=96,
             rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=256,
                                  mscale=1.0, mscale_all_dim=0.707, beta_fast=32, beta_slow=1))
+
+
+# gpt-oss: sliding (window 8, reached by the 17-130 token prompts) / full / sliding layers, head_dim
+# 16 != hidden / heads, YaRN with truncate false, attention sinks and biases, 8 experts top-2 with
+# router and expert biases (hf_model randomises the expert biases, HF starts them at zero), and a
+# swiglu_limit low enough (gpt-oss ships 7.0) that these small activations are clamped.
+_GPT_OSS = dict(**_COMMON, head_dim=16, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+                sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                swiglu_limit=0.6, rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0,
+                                                       original_max_position_embeddings=256, beta_fast=32.0,
+                                                       beta_slow=1.0, truncate=False))
 
 
 def _deepseek_config(arch: str) -> hf.PretrainedConfig:
@@ -67,6 +80,10 @@ def hf_model(cfg: hf.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn(buf.shape) * 0.3)
+        # gpt-oss: expert biases start at zero and sinks at N(0, 0.1): make both matter
+        for name, param in model.named_parameters():
+            if name.endswith(("gate_up_proj_bias", "down_proj_bias", "self_attn.sinks")):
+                param.copy_(torch.randn(param.shape) * (1.0 if name.endswith("sinks") else 0.3))
     return model.eval()
 
 

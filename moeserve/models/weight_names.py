@@ -17,6 +17,12 @@ class ExpertNames:
     down: str
     fused_gate_up: str = "gate_up_proj"   # fused 3-D layout some checkpoints use on disk
     fused_down: str = "down_proj"
+    # gpt-oss's fused layout: [E, in, out] on disk (MXFP4 blocks are [E, out, in] all the same),
+    # gate and up alternating along 2I, biases beside the weights.
+    fused_transposed: bool = False
+    gate_up_interleaved: bool = False
+    fused_gate_up_bias: str = "gate_up_proj_bias"
+    fused_down_bias: str = "down_proj_bias"
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,15 @@ _DEEPSEEK_LAYER = {
     "mlp.down.weight": ("mlp.down_proj.weight",),
 }
 
+_GPT_OSS_LAYER = {
+    **_ATTN,
+    "attn.sinks": ("self_attn.sinks",),
+    "moe.router.weight": ("mlp.router.weight",),
+    "moe.router.bias": ("mlp.router.bias",),
+}
+_GPT_OSS_EXPERTS = ExpertNames("mlp.experts", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
+                               fused_transposed=True, gate_up_interleaved=True)
+
 WEIGHT_NAMES: dict[str, WeightNames] = {
     "mixtral": WeightNames(
         "model.layers.{i}.",
@@ -85,4 +100,5 @@ WEIGHT_NAMES: dict[str, WeightNames] = {
     # it is never read: only the layers the config counts are.
     "deepseek_v2": WeightNames("model.layers.{i}.", _DEEPSEEK_LAYER, _QWEN_EXPERTS, _TOP),
     "deepseek_v3": WeightNames("model.layers.{i}.", _DEEPSEEK_LAYER, _QWEN_EXPERTS, _TOP),
+    "gpt_oss": WeightNames("model.layers.{i}.", _GPT_OSS_LAYER, _GPT_OSS_EXPERTS, _TOP),
 }
