@@ -22,7 +22,8 @@ BUDGET = 32
 # Per rank: the longest sequence (78 tokens = 5 blocks) fits, all of them never do.
 KV_BLOCKS_PER_RANK = {2: 7, 4: 5}
 
-CASES = [(arch, 2, mode) for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+CASES = [(arch, 2, mode) for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+                                      "gpt_oss")
          for mode in ("alltoall", "allreduce")]
 CASES += [("mixtral", 4, "alltoall"), ("qwen2_moe", 4, "allreduce")]
 
