@@ -284,7 +284,7 @@ OTHER_QUANT = {
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"},
     "bitsandbytes": {"quant_method": "bitsandbytes", "load_in_4bit": True},
     "compressed-tensors": {"quant_method": "compressed-tensors", "format": "float-quantized"},
-    "mxfp4": {"quant_method": "mxfp4"},
+    "fbgemm_fp8": {"quant_method": "fbgemm_fp8"},    # mxfp4 is loaded since gpt-oss (test_mxfp4.py)
 }
 
 
