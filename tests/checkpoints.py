@@ -12,7 +12,7 @@ import torch
 import transformers as hf
 
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                 "minimax_m2")
+                 "minimax_m2", "gpt_oss")
 _COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1,
                rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -42,6 +42,8 @@ def hf_config(arch: str, **overrides) -> hf.PretrainedConfig:
     elif arch == "minimax_m2":  # partial rotary through the legacy rotary_dim, full-projection q/k norm
         cfg = hf.MiniMaxM2Config(**_COMMON, head_dim=16, rotary_dim=8, intermediate_size=48, num_local_experts=8,
                                  num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)
+    elif arch == "gpt_oss":
+        cfg = hf.GptOssConfig(**_GPT_OSS)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
@@ -56,6 +58,17 @@ _MLA = dict(kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim
             n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, intermediate_size=96,
             rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=256,
                                  mscale=1.0, mscale_all_dim=0.707, beta_fast=32, beta_slow=1))
+
+
+# gpt-oss: sliding (window 8, reached by the 17-130 token prompts) / full / sliding layers, head_dim
+# 16 != hidden / heads, YaRN with truncate false, attention sinks and biases, 8 experts top-2 with
+# router and expert biases (hf_model randomises the expert biases, HF starts them at zero), and a
+# swiglu_limit low enough (gpt-oss ships 7.0) that these small activations are clamped.
+_GPT_OSS = dict(**_COMMON, head_dim=16, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2,
+                sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                swiglu_limit=0.6, rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0,
+                                                       original_max_position_embeddings=256, beta_fast=32.0,
+                                                       beta_slow=1.0, truncate=False))
 
 
 def _deepseek_config(arch: str) -> hf.PretrainedConfig:
@@ -76,6 +89,10 @@ def hf_model(cfg: hf.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.copy_(torch.randn(buf.shape) * 0.3)
+        # gpt-oss: expert biases start at zero and sinks at N(0, 0.1): make both matter
+        for name, param in model.named_parameters():
+            if name.endswith(("gate_up_proj_bias", "down_proj_bias", "self_attn.sinks")):
+                param.copy_(torch.randn(param.shape) * (1.0 if name.endswith("sinks") else 0.3))
     return model.eval()
 
 

@@ -26,7 +26,7 @@ SCALES_FILE = "model-fp8-scales.safetensors"
 def quantized_name(name: str, tensor: torch.Tensor) -> bool:
     """Which checkpoint tensors DeepSeek-V3 / Qwen3-FP8 store as FP8 (routers stay bf16 there)."""
     skip = ("embed", "lm_head", "norm")
-    return tensor.dim() >= 2 and not name.endswith("gate.weight") and not any(s in name for s in skip)
+    return tensor.dim() >= 2 and not name.endswith(("gate.weight", "router.weight", "_bias")) and not any(s in name for s in skip)
 
 
 def _blocks(shape: torch.Size, block: tuple[int, int]):

@@ -6,6 +6,8 @@ NKV key/value heads, D head dim, NB KV blocks, BS block size, H hidden.
 The flat batch holds the decode tokens first (one per sequence), then each prefill chunk.
 Decodes run as one padded SDPA call over their gathered contexts; each prefill chunk runs its
 own SDPA call (its queries are many, so padding them to a common length would waste compute).
+Layers with attention sinks (gpt-oss: a learned per-head logit in every softmax denominator,
+with no value) run the same calls through `sink_attention` instead: SDPA has no sink argument.
 """
 
 from __future__ import annotations
@@ -68,6 +70,32 @@ def prefill_mask(start_pos: int, n: int, window: int | None, device: torch.devic
     return mask
 
 
+def causal_mask(n: int, device: torch.device) -> torch.Tensor:
+    """[n, n] bool: query i sees keys 0..i (what is_causal means, as a tensor)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril_()
+
+
+def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                   sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention whose softmax denominator also holds exp(sink) of each head (gpt-oss).
+
+    q [B, NH, n, D]; keys, values [B, NKV, L, D]; mask bool broadcastable to [B, NH, n, L]
+    (True = attend); sinks [NH] -> [B, NH, n, D]. Explicit matmul-softmax, as transformers'
+    eager gpt-oss attention: the score matrix is materialised ([B, NH, n, L] float32), fine for
+    decode and prefill chunks. GQA without copying K/V: a KV head's G query heads become G*n rows.
+    """
+    b, nh, n, d = q.shape
+    nkv, length = keys.shape[1], keys.shape[2]
+    qg = q.reshape(b, nkv, (nh // nkv) * n, d)                                # [B, NKV, G*n, D]
+    scores = (qg @ keys.transpose(-2, -1)) * scale                            # [B, NKV, G*n, L]
+    scores = scores.view(b, nh, n, length).float().masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, nh, 1, 1).expand(b, nh, n, 1)               # [B, NH, n, 1]
+    logits = torch.cat((scores, sink), dim=-1)                                # [B, NH, n, L + 1]
+    probs = (logits - logits.amax(-1, keepdim=True)).softmax(-1)[..., :length]   # the sink takes its share
+    out = probs.to(values.dtype).reshape(b, nkv, (nh // nkv) * n, length) @ values  # [B, NKV, G*n, D]
+    return out.view(b, nh, n, d)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: MoEModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -85,6 +113,7 @@ class Attention(nn.Module):
         self.window = cfg.sliding_windows[layer_idx]
         self.rotary = rotary
         self.scale = cfg.head_dim ** -0.5
+        self.sinks = nn.Parameter(torch.empty(cfg.num_heads)) if cfg.attention_sinks else None   # [NH]
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # x [T, H]; kv_cache [2, NB, BS, NKV, D]
@@ -127,6 +156,9 @@ class Attention(nn.Module):
         slots = meta.decode_slots.reshape(-1)                        # index_select: ~4x faster than [] here
         keys = k_flat.index_select(0, slots).view(b, lmax, self.num_kv_heads, self.head_dim).transpose(1, 2)
         values = v_flat.index_select(0, slots).view(b, lmax, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.sinks is not None:
+            out = sink_attention(q[:, :, None, :], keys, values, meta.decode_mask(self.window), self.sinks, self.scale)
+            return out[:, :, 0, :]                                   # [B, NH, D]
         out = F.scaled_dot_product_attention(
             q[:, :, None, :], keys, values, attn_mask=meta.decode_mask(self.window),
             scale=self.scale, enable_gqa=True)
@@ -142,6 +174,11 @@ class Attention(nn.Module):
             values = v_flat.index_select(0, chunk.context_slots)
         n = chunk.q_end - chunk.q_start
         mask = prefill_mask(chunk.start_pos, n, self.window, q.device)
+        if self.sinks is not None:
+            mask = causal_mask(n, q.device) if mask is None else mask
+            out = sink_attention(q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
+                                 values.transpose(0, 1)[None], mask, self.sinks, self.scale)
+            return out[0].transpose(0, 1)                            # [n, NH, D]
         out = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
             attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)

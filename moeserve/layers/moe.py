@@ -20,7 +20,19 @@ from torch import nn
 
 from moeserve.layers.linear import Linear, PackedWeight, WeightFormat, linear, pack_weight
 from moeserve.layers.routing import Routing, RoutingConfig, route
+from moeserve.models.config import ExpertActivation
 from moeserve.parallel.expert_parallel import ExpertParallel
+
+
+@dataclass(frozen=True)
+class ExpertOptions:
+    """What an expert computes besides the plain SwiGLU (gpt-oss): biases after each projection
+    (b13 [E_local, 2I] gate then up, b2 [E_local, H]) and the clamped SwiGLU
+    (up + 1) * gate * sigmoid(alpha * gate), gate clamped above at limit and up to +-limit."""
+    activation: ExpertActivation = "swiglu"
+    bias: bool = False
+    alpha: float = 1.702
+    limit: float = 7.0
 
 
 class Experts(nn.Module):
@@ -31,12 +43,17 @@ class Experts(nn.Module):
     """
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int,
-                 first_expert: int = 0, num_local: int | None = None) -> None:
+                 first_expert: int = 0, num_local: int | None = None,
+                 options: ExpertOptions = ExpertOptions()) -> None:
         super().__init__()
         num_local = num_experts if num_local is None else num_local
         self.holds_all = first_expert == 0 and num_local == num_experts
         self.w13 = nn.Parameter(torch.empty(num_local, 2 * intermediate, hidden))
         self.w2 = nn.Parameter(torch.empty(num_local, hidden, intermediate))
+        self.options = options
+        self.plain_swiglu = options == ExpertOptions()    # the fast paths below as they always were
+        self.b13 = nn.Parameter(torch.empty(num_local, 2 * intermediate)) if options.bias else None
+        self.b2 = nn.Parameter(torch.empty(num_local, hidden)) if options.bias else None
         self.first_expert = first_expert
         self.num_local = num_local
         self.intermediate = intermediate
@@ -80,12 +97,47 @@ class Experts(nn.Module):
         """A single token (a one-stream decode): its K experts in turn, with none of the sorting
         and scattering a batch needs (half the small ops of a decode step's MoE layers). The
         same products, summed in float32 in the same route order as forward()."""
+        if not self.plain_swiglu:
+            return self._one_token_general(x, routing)
         total = None
         for e, weight in zip(routing.expert_ids[0].tolist(), routing.weights[0].tolist()):
             gate, up = self._matmul("w13", e, x).chunk(2, dim=-1)                 # [1, I] x2
             y = self._matmul("w2", e, F.silu(gate).mul_(up)).float().mul_(weight)  # [1, H]
             total = y if total is None else total.add_(y)
         return total.to(x.dtype)
+
+    def _one_token_general(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """_one_token with expert biases and / or the clamped SwiGLU."""
+        total = None
+        for e, weight in zip(routing.expert_ids[0].tolist(), routing.weights[0].tolist()):
+            gate_up = self._matmul("w13", e, x)                                   # [1, 2I]
+            if self.b13 is not None:
+                gate_up = gate_up + self.b13[e]
+            y = self._matmul("w2", e, self._activation(gate_up))                  # [1, H]
+            if self.b2 is not None:
+                y = y + self.b2[e]
+            y = y.float().mul_(weight)
+            total = y if total is None else total.add_(y)
+        return total.to(x.dtype)
+
+    def _activation(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[n, 2I] gate columns then up columns -> [n, I]."""
+        gate, up = gate_up[:, : self.intermediate], gate_up[:, self.intermediate:]
+        if self.options.activation == "swiglu":
+            return F.silu(gate).mul_(up)
+        limit = self.options.limit
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        # the reference's order of operations, so float32 results match it bit for bit
+        return (up + 1) * (gate * torch.sigmoid(gate * self.options.alpha))
+
+    def _add_bias(self, out: torch.Tensor, bias: torch.Tensor | None, sizes: torch.Tensor) -> torch.Tensor:
+        """out [n, N] rows sorted by expert, sizes [>= E_local] rows per expert (rows past the
+        local experts' get the last local bias: they are discarded) -> out + each row's bias."""
+        if bias is None:
+            return out
+        ids = torch.arange(sizes.shape[0], device=out.device)
+        row_expert = torch.repeat_interleave(ids, sizes, output_size=out.shape[0])   # [n], no host sync
+        return out + bias.index_select(0, row_expert.clamp_(max=self.num_local - 1))
 
     def _local_ids(self, routing: Routing) -> torch.Tensor:
         """[R] this rank's expert index of each route; E_local for routes owned by other ranks or
@@ -119,6 +171,10 @@ class Experts(nn.Module):
         """All experts in two grouped matmuls; slice bounds stay on the device (GPU path)."""
         offsets = group_sizes[: self.num_local].cumsum(0).to(torch.int32)         # [E_local]
         gate_up = F.grouped_mm(x_sorted, self.w13.transpose(-2, -1), offs=offsets)  # [R, 2I]
+        if not self.plain_swiglu:
+            gate_up = self._add_bias(gate_up, self.b13, group_sizes)
+            out = F.grouped_mm(self._activation(gate_up), self.w2.transpose(-2, -1), offs=offsets)
+            return self._add_bias(out, self.b2, group_sizes)                     # [R, H]
         gate, up = gate_up.chunk(2, dim=-1)
         return F.grouped_mm(F.silu(gate) * up, self.w2.transpose(-2, -1), offs=offsets)  # [R, H]
 
@@ -132,10 +188,16 @@ class Experts(nn.Module):
         gate_up = x_sorted.new_empty(routed, 2 * self.intermediate)             # [routed, 2I]
         for e, start, end in self._slices(sizes):
             gate_up[start:end] = self._matmul("w13", e, x_sorted[start:end])
-        hidden = F.silu(gate_up[:, : self.intermediate]).mul_(gate_up[:, self.intermediate:])  # [routed, I]
+        if self.plain_swiglu:
+            hidden = F.silu(gate_up[:, : self.intermediate]).mul_(gate_up[:, self.intermediate:])  # [routed, I]
+        else:
+            local_sizes = torch.tensor(sizes)
+            hidden = self._activation(self._add_bias(gate_up, self.b13, local_sizes))
         out = x_sorted.new_empty(x_sorted.shape)                                 # [R, H]
         for e, start, end in self._slices(sizes):
             out[start:end] = self._matmul("w2", e, hidden[start:end])
+        if self.b2 is not None:
+            out[:routed] = self._add_bias(out[:routed], self.b2, local_sizes)
         out[routed:].zero_()
         return out
 
@@ -172,17 +234,19 @@ class MoEShape:
     first_expert: int = 0
     num_local: int | None = None   # None: all experts on this rank
     correction_bias: bool = False  # DeepSeek-V3: a learned per-expert bias steers the choice
+    router_bias: bool = False      # gpt-oss: the router Linear has a bias
+    experts: ExpertOptions = ExpertOptions()   # gpt-oss: expert biases, clamped SwiGLU
 
 
 class MoELayer(nn.Module):
     def __init__(self, shape: MoEShape) -> None:
         super().__init__()
         self.routing_cfg = shape.routing   # replaced by set_capacity() for the serving knobs
-        self.router = Linear(shape.hidden, shape.routing.num_experts, bias=False)
+        self.router = Linear(shape.hidden, shape.routing.num_experts, bias=shape.router_bias)
         # float32 (see models/weight_conversion.py): added to scores in [0, 1] before the top-k.
         self.score_bias = nn.Parameter(torch.zeros(shape.routing.num_experts)) if shape.correction_bias else None
         self.experts = Experts(shape.routing.num_experts, shape.hidden, shape.intermediate,
-                               shape.first_expert, shape.num_local)
+                               shape.first_expert, shape.num_local, shape.experts)
         self.shared = DenseMLP(shape.hidden, shape.shared_intermediate) if shape.shared_intermediate else None
         self.shared_gate = Linear(shape.hidden, 1, bias=False) if shape.shared_gated else None
         self.ep: ExpertParallel | None = None   # set by MoEDecoder.attach_expert_parallel()

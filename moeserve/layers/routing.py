@@ -4,7 +4,9 @@ Legend: T tokens, E experts, K top-k, G expert groups, C capacity (routes an exp
 
 Contract. Given router logits [T, E] (any float dtype; the math runs in float32):
   1. scores = softmax(logits) (GShard, Switch, Mixtral, Qwen, OLMoE, DeepSeek-V2) or
-     sigmoid(logits) (DeepSeek-V3).
+     sigmoid(logits) (DeepSeek-V3); "softmax_topk" (gpt-oss): the raw logits choose and the
+     weights are a softmax over the chosen K only (the same as softmax then renormalising, but
+     computed as the reference does).
   2. Experts are chosen by top-k over scores + score_bias (DeepSeek-V3's auxiliary-loss-free
      correction bias: it steers the choice and never the weights), optionally limited to the
      topk_group best of n_group expert groups (group score: max for DeepSeek-V2, sum of the top 2
@@ -42,7 +44,7 @@ import torch
 class RoutingConfig:
     num_experts: int
     top_k: int
-    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    scoring: Literal["softmax", "sigmoid", "softmax_topk"] = "softmax"
     renormalize: bool = True
     capacity_factor: float | None = None
     min_capacity: int = 4
@@ -59,8 +61,8 @@ class RoutingConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be in [1, {self.num_experts}], got {self.top_k}")
-        if self.scoring not in ("softmax", "sigmoid"):
-            raise ValueError(f"scoring must be softmax or sigmoid, got {self.scoring!r}")
+        if self.scoring not in ("softmax", "sigmoid", "softmax_topk"):
+            raise ValueError(f"scoring must be softmax, sigmoid or softmax_topk, got {self.scoring!r}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
         if self.drop_policy not in ("position", "probs"):
@@ -107,16 +109,19 @@ def route(logits: torch.Tensor, cfg: RoutingConfig, score_bias: torch.Tensor | N
     if training and cfg.noisy_gate == "jitter":
         noise = torch.empty_like(logits).uniform_(1 - cfg.jitter_eps, 1 + cfg.jitter_eps, generator=generator)
         logits = logits * noise
-    scores = logits.softmax(-1) if cfg.scoring == "softmax" else logits.sigmoid()        # [T, E]
+    scores = _scores(logits, cfg.scoring)                                               # [T, E]
     choice = scores if score_bias is None else scores + score_bias.float()
     if training and cfg.noisy_gate == "rsample":
         choice = choice + torch.randn(choice.shape, generator=generator) / cfg.num_experts
     choice = _limit_groups(choice, cfg)
     expert_ids = torch.topk(choice, cfg.top_k, dim=-1).indices                         # [T, K]
     weights = scores.gather(1, expert_ids)                                              # [T, K]
+    if cfg.scoring == "softmax_topk":   # the chosen logits -> their softmax
+        weights = weights.softmax(-1)
     counts = torch.bincount(expert_ids.flatten(), minlength=cfg.num_experts)            # [E]
     # The loss is for training; serving skips its ~20 small ops per layer and step.
-    aux_loss = _aux_loss(scores, expert_ids, cfg) if with_aux_loss or training else scores.new_zeros(())
+    aux_loss = _aux_loss(_probs(scores, cfg.scoring), expert_ids, cfg) if with_aux_loss or training \
+        else scores.new_zeros(())
     if cfg.capacity_factor is None:
         if cfg.renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -130,6 +135,18 @@ def route(logits: torch.Tensor, cfg: RoutingConfig, score_bias: torch.Tensor | N
         dropped = torch.bincount(expert_ids[~kept], minlength=cfg.num_experts)
     return Routing(expert_ids, weights * cfg.routed_scaling_factor, kept, counts, dropped, aux_loss,
                    capacity_limited=cfg.capacity_factor is not None)
+
+
+def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    """[T, E] float32 -> what top-k chooses from: probabilities, or the logits (softmax_topk)."""
+    if scoring == "softmax":
+        return logits.softmax(-1)
+    return logits.sigmoid() if scoring == "sigmoid" else logits
+
+
+def _probs(scores: torch.Tensor, scoring: str) -> torch.Tensor:
+    """Per-expert probabilities for the load-balancing loss (softmax_topk scores are logits)."""
+    return scores.softmax(-1) if scoring == "softmax_topk" else scores
 
 
 def _limit_groups(choice: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:

@@ -11,14 +11,20 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from moeserve.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from moeserve.layers.routing import RoutingConfig   # layers import this module
+
 Architecture = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                       "minimax_m2"]
+                       "minimax_m2", "gpt_oss"]
 QKNorm = Literal["none", "per_head", "full"]
 RopeType = Literal["default", "linear", "llama3", "yarn"]
+# What an expert computes between its two projections: SwiGLU silu(gate) * up, or gpt-oss's
+# clamped variant (gate clamped above, up both sides, gate * sigmoid(alpha * gate) * (up + 1)).
+ExpertActivation = Literal["swiglu", "clamped_swiglu"]
 
 # HF `architectures[0]` -> moeserve architecture. The registry maps these to model classes.
 HF_ARCHITECTURES: dict[str, Architecture] = {
@@ -30,14 +36,16 @@ HF_ARCHITECTURES: dict[str, Architecture] = {
     "DeepseekV3ForCausalLM": "deepseek_v3",
     "Glm4MoeForCausalLM": "glm4_moe",
     "MiniMaxM2ForCausalLM": "minimax_m2",
+    "GptOssForCausalLM": "gpt_oss",
 }
 MODEL_TYPES: dict[str, Architecture] = {
     "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe",
     "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "glm4_moe": "glm4_moe", "minimax_m2": "minimax_m2",
+    "gpt_oss": "gpt_oss",
 }
 # Checkpoint weight formats the loader converts (see models/weight_conversion.py); any other
 # quantization_config.quant_method is refused by name rather than loaded as garbage.
-CHECKPOINT_QUANT_METHODS = ("fp8",)
+CHECKPOINT_QUANT_METHODS = ("fp8", "mxfp4")
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,7 @@ class MLAConfig:
 @dataclass(frozen=True)
 class RouterSpec:
     """How a checkpoint's router turns logits into expert weights (see layers/routing.py)."""
-    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    scoring: Literal["softmax", "sigmoid", "softmax_topk"] = "softmax"
     routed_scaling_factor: float = 1.0
     n_group: int = 1
     topk_group: int = 1
@@ -90,8 +98,8 @@ class RouterSpec:
 @dataclass(frozen=True)
 class CheckpointQuant:
     """Weights stored quantized on disk, dequantized at load (quantization_config)."""
-    method: Literal["fp8"]
-    block_size: tuple[int, int]         # [rows, cols] covered by one weight_scale_inv entry
+    method: Literal["fp8", "mxfp4"]
+    block_size: tuple[int, int] | None = None   # fp8: [rows, cols] covered by one weight_scale_inv entry
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,12 @@ class MoEModelConfig:
     rope_dim: int | None = None         # partial rotary: RoPE on the first rope_dim dims of a head
     router: RouterSpec = field(default_factory=RouterSpec)
     checkpoint_quant: CheckpointQuant | None = None
+    attention_sinks: bool = False       # gpt-oss: a learned per-head logit joins each softmax denominator
+    router_bias: bool = False           # gpt-oss: the router Linear has a bias
+    expert_bias: bool = False           # gpt-oss: each expert's gate/up and down projections have biases
+    expert_activation: ExpertActivation = "swiglu"
+    swiglu_alpha: float = 1.702         # clamped_swiglu: sigmoid gain
+    swiglu_limit: float = 7.0           # clamped_swiglu: clamp of gate (above) and up (both sides)
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -244,6 +258,8 @@ def _checkpoint_quant(raw: dict, source: str) -> CheckpointQuant | None:
     if not qcfg:
         return None
     method = qcfg.get("quant_method")
+    if method == "mxfp4":   # gpt-oss: e2m1 blocks + e8m0 scales, 32 values a scale; no other parameter
+        return CheckpointQuant(method="mxfp4")
     if method not in CHECKPOINT_QUANT_METHODS:
         raise CheckpointError(
             f"{source}: quantization_config.quant_method {method!r} is not supported (moeserve loads "
@@ -416,14 +432,28 @@ def _minimax_m2(raw: dict, arch: Architecture) -> MoEModelConfig:
         router=RouterSpec(scoring="sigmoid", correction_bias=True))
 
 
+def _gpt_oss(raw: dict, arch: Architecture) -> MoEModelConfig:
+    """gpt-oss-20b / 120b: alternating sliding / full attention layers (layer_types) with attention
+    sinks and q/k/v/o biases, YaRN; a biased router whose softmax runs over the chosen k only;
+    experts with biases and the clamped SwiGLU."""
+    common = _common(raw, arch)
+    bias = bool(raw.get("attention_bias", True))
+    return MoEModelConfig(
+        **common, intermediate_size=raw["intermediate_size"], moe_intermediate_size=raw["intermediate_size"],
+        num_experts=raw["num_local_experts"], top_k=raw["num_experts_per_tok"], norm_topk_prob=True,
+        moe_layers=(True,) * common["num_layers"], qkv_bias=bias, o_bias=bias,
+        router=RouterSpec(scoring="softmax_topk"), attention_sinks=True, router_bias=True, expert_bias=True,
+        expert_activation="clamped_swiglu", swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)),
+        swiglu_limit=float(raw.get("swiglu_limit", 7.0)))
+
+
 _FAMILIES = {"mixtral": _mixtral, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "olmoe": _olmoe,
-             "deepseek_v2": _deepseek, "deepseek_v3": _deepseek, "glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2}
+             "deepseek_v2": _deepseek, "deepseek_v3": _deepseek, "glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2,
+             "gpt_oss": _gpt_oss}
 
 
 def routing_from_hf(raw: dict) -> "RoutingConfig":
     """The router policy a checkpoint was trained with, from its config.json (see RouterSpec)."""
-    from moeserve.layers.routing import RoutingConfig   # layers import this module
-
     model_type = raw.get("model_type")
     if model_type in ("deepseek_v2", "deepseek_v3"):
         spec = _deepseek_router(raw, model_type)

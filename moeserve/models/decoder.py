@@ -1,4 +1,4 @@
-"""The decoder shared by Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V2/V3.
+"""The decoder shared by Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 and gpt-oss.
 
 These differ only in what MoEModelConfig already says (GQA or latent attention, q/k norm, shared
 expert, biases, router policy, dense layers, sliding windows), so one readable model serves them
@@ -18,7 +18,7 @@ from moeserve.layers.linear import Linear
 
 from moeserve.layers.attention import Attention, AttentionMetadata
 from moeserve.layers.mla import MLAttention
-from moeserve.layers.moe import DenseMLP, MoELayer, MoEShape
+from moeserve.layers.moe import DenseMLP, ExpertOptions, MoELayer, MoEShape
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding
 from moeserve.models.config import MoEModelConfig, routing_config
@@ -50,6 +50,11 @@ class DecoderLayer(nn.Module):
         return x + out
 
 
+def _expert_options(cfg: MoEModelConfig) -> ExpertOptions:
+    return ExpertOptions(activation=cfg.expert_activation, bias=cfg.expert_bias, alpha=cfg.swiglu_alpha,
+                         limit=cfg.swiglu_limit)
+
+
 class MoEDecoder(nn.Module):
     def __init__(self, cfg: MoEModelConfig, first_expert: int = 0, num_local_experts: int | None = None) -> None:
         super().__init__()
@@ -60,7 +65,8 @@ class MoEDecoder(nn.Module):
         moe_shape = MoEShape(
             hidden=cfg.hidden_size, intermediate=cfg.moe_intermediate_size, routing=routing,
             shared_intermediate=cfg.shared_expert_intermediate_size, shared_gated=cfg.shared_expert_gated,
-            first_expert=first_expert, num_local=num_local_experts, correction_bias=cfg.router.correction_bias)
+            first_expert=first_expert, num_local=num_local_experts, correction_bias=cfg.router.correction_bias,
+            router_bias=cfg.router_bias, experts=_expert_options(cfg))
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, rotary, moe_shape if cfg.moe_layers[i] else None) for i in range(cfg.num_layers))

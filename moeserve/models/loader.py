@@ -2,7 +2,8 @@
 
 Tensors are read lazily, one name at a time, through safetensors' safe_open: a rank that owns a
 subset of the experts never reads the others. Pickle (.bin) checkpoints are refused. FP8
-block-quantized weights (quantization_config fp8) come out of the reader dequantized to float32.
+block-quantized weights (quantization_config fp8) come out of the reader dequantized to float32,
+MXFP4 ones (gpt-oss: `<name>_blocks` + `<name>_scales`) to bfloat16, where they are exact.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from moeserve.models.config import CheckpointQuant, MoEModelConfig
 from moeserve.models.registry import model_class
 from moeserve.models.weight_conversion import (WeightConversion, dequantize_fp8_blocks, materialize_buffers,
                                                plan_conversion)
-from moeserve.models.weight_names import WEIGHT_NAMES, WeightNames
+from moeserve.models.weight_conversion import dequantize_mxfp4, gate_up_from_interleaved
+from moeserve.models.weight_names import WEIGHT_NAMES, ExpertNames, WeightNames
 
 log = logging.getLogger(__name__)
 _LAYER_PARAM = re.compile(r"layers\.(\d+)\.(.+)")
@@ -69,10 +71,16 @@ class CheckpointReader:
         return names
 
     def __contains__(self, name: str) -> bool:
-        return name in self.files
+        return name in self.files or self.is_mxfp4(name)
+
+    def is_mxfp4(self, name: str) -> bool:
+        """`name` is stored as MXFP4 `<name>_blocks` (+ `<name>_scales`), laid out [..., out, in]."""
+        return name not in self.files and f"{name}_blocks" in self.files
 
     def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """Tensor `name` (only `rows` of dim 0 when given: a rank's slice of stacked experts)."""
+        if self.is_mxfp4(name):
+            return self._dequantize_mxfp4(name, rows)
         tensor = self._read(name, rows)
         if tensor.dtype.is_floating_point and tensor.element_size() == 1:
             tensor = self._dequantize(name, tensor, rows)
@@ -82,7 +90,7 @@ class CheckpointReader:
         """float8 [..., out, in] -> float32; float32 because place() casts or quantizes it next."""
         if tensor.dtype not in _FP8_DTYPES:
             raise CheckpointError(f"{self.model_dir}: tensor {name!r} is {tensor.dtype}, which moeserve cannot load")
-        if self.quant is None:
+        if self.quant is None or self.quant.method != "fp8":
             raise CheckpointError(
                 f"{self.model_dir}: tensor {name!r} is {tensor.dtype} but config.json has no fp8 "
                 "quantization_config: without its block scales it would be served as garbage")
@@ -93,6 +101,19 @@ class CheckpointReader:
                 "from the checkpoint: without them it would be served as garbage")
         scale = self._read(scale_name, rows)         # [..., ceil(out/b0), ceil(in/b1)]
         return dequantize_fp8_blocks(tensor, scale, self.quant.block_size, torch.float32, name)
+
+    def _dequantize_mxfp4(self, name: str, rows: slice | None) -> torch.Tensor:
+        """`<name>_blocks` [..., G, 16] and `<name>_scales` [..., G] -> bfloat16 [..., G * 32]."""
+        if self.quant is None or self.quant.method != "mxfp4":
+            raise CheckpointError(
+                f"{self.model_dir}: tensor {name!r} is stored as MXFP4 blocks ({name}_blocks) but config.json "
+                "has no mxfp4 quantization_config")
+        scale_name = f"{name}_scales"
+        if scale_name not in self.files:
+            raise CheckpointError(
+                f"{self.model_dir}: tensor {name!r} is stored as MXFP4 blocks but its scales {scale_name!r} are "
+                "missing from the checkpoint: without them it would be served as garbage")
+        return dequantize_mxfp4(self._read(f"{name}_blocks", rows), self._read(scale_name, rows), name=name)
 
     def _read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         file = self.files.get(name)
@@ -165,6 +186,10 @@ def _read_param(reader: CheckpointReader, names: WeightNames, name: str, model: 
         return _concat(reader, names.top_map[name])
     layer, suffix = int(match.group(1)), match.group(2)
     prefix = names.layer_prefix.format(i=layer)
+    if suffix in ("moe.experts.b13", "moe.experts.b2"):
+        experts = model.get_submodule(name.rsplit(".", 1)[0])
+        rows = slice(experts.first_expert, experts.first_expert + experts.num_local)
+        return _read_expert_bias(reader, names, prefix, suffix.endswith("b13"), rows)
     if suffix in ("moe.experts.w13", "moe.experts.w2"):
         experts = model.get_submodule(name.rsplit(".", 1)[0])
         owned = range(experts.first_expert, experts.first_expert + experts.num_local)
@@ -198,6 +223,8 @@ def _read_experts(reader: CheckpointReader, names: WeightNames, prefix: str, gat
     base = prefix + e_names.prefix
     fused = f"{base}.{e_names.fused_gate_up if gate_up else e_names.fused_down}"
     if f"{base}.{experts.start}.{e_names.gate}" not in reader and fused in reader:
+        if e_names.fused_transposed or e_names.gate_up_interleaved:
+            return _read_gpt_oss_experts(reader, e_names, fused, slice(experts.start, experts.stop), gate_up)
         return reader.get(fused, rows=slice(experts.start, experts.stop))    # [E_local, ...]
     stacked, labels = [], []
     for e in experts:
@@ -208,3 +235,23 @@ def _read_experts(reader: CheckpointReader, names: WeightNames, prefix: str, gat
             stacked.append(reader.get(f"{base}.{e}.{e_names.down}"))
             labels.append(f"{base}.{e}.{e_names.down}")
     return _join(reader, stacked, labels, stack=True)
+
+
+def _read_gpt_oss_experts(reader: CheckpointReader, e_names: ExpertNames, fused: str, rows: slice,
+                          gate_up: bool) -> torch.Tensor:
+    """gpt-oss's fused experts -> [E_local, 2I, H] (gate rows, then up) or [E_local, H, I]."""
+    tensor = reader.get(fused, rows=rows)
+    if e_names.fused_transposed and not reader.is_mxfp4(fused):
+        tensor = tensor.transpose(1, 2)          # [E, in, out] -> [E, out, in]; MXFP4 is stored [E, out, in]
+    if gate_up and e_names.gate_up_interleaved:
+        tensor = gate_up_from_interleaved(tensor)
+    return tensor.contiguous()
+
+
+def _read_expert_bias(reader: CheckpointReader, names: WeightNames, prefix: str, gate_up: bool,
+                      rows: slice) -> torch.Tensor:
+    """This rank's expert biases: [E_local, 2I] (gate, then up) or [E_local, H]."""
+    e_names = names.experts
+    name = f"{prefix}{e_names.prefix}.{e_names.fused_gate_up_bias if gate_up else e_names.fused_down_bias}"
+    bias = reader.get(name, rows=rows)
+    return gate_up_from_interleaved(bias) if gate_up and e_names.gate_up_interleaved else bias

@@ -16,6 +16,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "deepseek_v3": MoEDecoder,
     "glm4_moe": MoEDecoder,
     "minimax_m2": MoEDecoder,
+    "gpt_oss": MoEDecoder,
 }
 
 

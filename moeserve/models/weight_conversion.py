@@ -106,3 +106,45 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block_s
     blocks = padded.view(*lead, nr, b0, nc, b1)                           # [..., R, b0, C, b1]
     blocks.mul_(scale_inv.to(torch.float32)[..., :, None, :, None])      # scale [..., R, 1, C, 1]
     return padded[..., :rows, :cols].to(dtype).contiguous()
+
+
+# The 16 values of an fp4 e2m1 nibble (sign bit 3, exponent bits 2-1, mantissa bit 0).
+_FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_MXFP4_CHUNK_ROWS = 1 << 18     # 32-value groups dequantized at once: bounds the temporaries (~100 MB)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                     name: str = "weight") -> torch.Tensor:
+    """MXFP4 (gpt-oss): blocks [..., G, 16] uint8 (two e2m1 values a byte, low nibble first) and
+    scales [..., G] uint8 (e8m0: 2^(s - 127) for each 32 values) -> `dtype` [..., G * 32].
+
+    bfloat16 by default: an e2m1 value times a power of two is exact in it (8 exponent bits),
+    so the serving dtype or int8 quantization downstream sees the same numbers as float32, at
+    half the memory of the tensor in flight.
+    """
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.dim() < 2 \
+            or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+        raise CheckpointError(
+            f"tensor {name!r}: MXFP4 blocks must be uint8 [..., G, 16] with uint8 scales [..., G]; got "
+            f"{blocks.dtype} {tuple(blocks.shape)} and {scales.dtype} {tuple(scales.shape)}")
+    *lead, groups, _ = blocks.shape
+    flat_blocks, flat_scales = blocks.reshape(-1, 16), scales.reshape(-1)             # [N, 16], [N]
+    out = torch.empty(flat_blocks.shape[0], 32, dtype=dtype)                           # [N, 32]
+    for start in range(0, flat_blocks.shape[0], _MXFP4_CHUNK_ROWS):
+        rows = slice(start, start + _MXFP4_CHUNK_ROWS)
+        out[rows] = _mxfp4_groups(flat_blocks[rows], flat_scales[rows])
+    return out.view(*lead, groups * 32)
+
+
+def _mxfp4_groups(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """[n, 16] uint8 + [n] uint8 -> [n, 32] float32."""
+    lut = torch.tensor(_FP4_E2M1, dtype=torch.float32)
+    low, high = lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]                 # [n, 16] each
+    values = torch.stack((low, high), dim=-1).view(-1, 32)                             # low nibble first
+    return values * torch.exp2(scales.float() - 127.0)[:, None]
+
+
+def gate_up_from_interleaved(tensor: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's fused gate/up [E, 2I, ...] with gate and up alternating along 2I (gate = rows
+    0, 2, 4, ...) -> moeserve's [E, 2I, ...]: every gate row, then every up row."""
+    return torch.cat((tensor[:, 0::2], tensor[:, 1::2]), dim=1)

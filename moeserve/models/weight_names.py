@@ -17,6 +17,12 @@ class ExpertNames:
     down: str
     fused_gate_up: str = "gate_up_proj"   # fused 3-D layout some checkpoints use on disk
     fused_down: str = "down_proj"
+    # gpt-oss's fused layout: [E, in, out] on disk (MXFP4 blocks are [E, out, in] all the same),
+    # gate and up alternating along 2I, biases beside the weights.
+    fused_transposed: bool = False
+    gate_up_interleaved: bool = False
+    fused_gate_up_bias: str = "gate_up_proj_bias"
+    fused_down_bias: str = "down_proj_bias"
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,14 @@ _MINIMAX_M2_LAYER = {
     "moe.router.weight": ("block_sparse_moe.gate.weight",),
     "moe.score_bias": ("block_sparse_moe.e_score_correction_bias",),
 }
+_GPT_OSS_LAYER = {
+    **_ATTN,
+    "attn.sinks": ("self_attn.sinks",),
+    "moe.router.weight": ("mlp.router.weight",),
+    "moe.router.bias": ("mlp.router.bias",),
+}
+_GPT_OSS_EXPERTS = ExpertNames("mlp.experts", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
+                               fused_transposed=True, gate_up_interleaved=True)
 
 WEIGHT_NAMES: dict[str, WeightNames] = {
     "mixtral": WeightNames(
@@ -98,4 +112,5 @@ WEIGHT_NAMES: dict[str, WeightNames] = {
     "minimax_m2": WeightNames(
         "model.layers.{i}.", _MINIMAX_M2_LAYER,
         ExpertNames("block_sparse_moe.experts", "w1.weight", "w3.weight", "w2.weight"), _TOP),
+    "gpt_oss": WeightNames("model.layers.{i}.", _GPT_OSS_LAYER, _GPT_OSS_EXPERTS, _TOP),
 }

@@ -29,6 +29,9 @@ ROPE_CASES = {
     "yarn_tuned": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 32.0, "attention_factor": 0.9,
                    "beta_fast": 16.0, "beta_slow": 2.0, "truncate": False,
                    "original_max_position_embeddings": 4096},
+    # gpt-oss-20b / 120b as shipped (head_dim 64)
+    "yarn_gpt_oss": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "beta_fast": 32.0,
+                     "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 4096},
 }
 
 

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from quant_quality import teacher_forced_compare  # noqa: E402
 
 FP8_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                     "minimax_m2")
+                     "minimax_m2", "gpt_oss")
 # Divides some weight dims (96, 48 rows; 80 cols) and not others (64, 32, 128 rows; 64, 96, 48
 # cols): whole blocks, and partial ones at the bottom and right edges.
 EDGE_BLOCK = (24, 20)
@@ -48,6 +48,10 @@ BLOCK_SIZE, NUM_BLOCKS = 16, 8
 # qwen2_moe 6.5e-4, qwen3_moe 8.7e-4, olmoe 4.9e-4 (the same as int8 from the dequantized
 # checkpoint); scales shifted by one block (the control): 0.16, 0.14, 0.065, 0.071.
 from test_int8 import F32, INT8, MAX_MEAN_KL, MIN_TOP1, WORKLOAD  # noqa: E402
+# gpt_oss: int8-from-FP8 4.1e-3 (int8 alone 1.9e-3), shifted scales 0.12
+# transformers' FP8 loader replaces nn.Linear layers only: GptOssExperts' fused 3-D parameters
+# would be read as raw float8 values with their scale_inv left unused, so it is no reference there.
+HF_FP8_LOADER_UNSUPPORTED = ("gpt_oss",)
 
 
 def _load(directory: Path, dtype: torch.dtype = torch.float32, **kwargs) -> torch.nn.Module:
@@ -151,6 +155,8 @@ def test_fp8_checkpoint_matches_dequantized_transformers(make_fp8, arch) -> None
 def test_fp8_checkpoint_matches_transformers_fp8_loader(make_fp8, arch) -> None:
     """transformers dequantizes the FP8 checkpoint itself (on CPU it always dequantizes)."""
     pytest.importorskip("accelerate")              # transformers' FP8 loader needs it
+    if arch in HF_FP8_LOADER_UNSUPPORTED:
+        pytest.skip(f"transformers' FP8 loader does not dequantize {arch}'s fused expert parameters")
     fp8, _ = make_fp8(arch, WHOLE_BLOCKS.get(arch, WHOLE_BLOCK))
     ref = hf.AutoModelForCausalLM.from_pretrained(fp8, dtype=torch.float32).eval()
     assert ref.model.layers[0].self_attn.o_proj.weight.dtype == torch.float32
@@ -264,7 +270,7 @@ OTHER_QUANT = {
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"},
     "bitsandbytes": {"quant_method": "bitsandbytes", "load_in_4bit": True},
     "compressed-tensors": {"quant_method": "compressed-tensors", "format": "float-quantized"},
-    "mxfp4": {"quant_method": "mxfp4"},
+    "fbgemm_fp8": {"quant_method": "fbgemm_fp8"},    # mxfp4 is loaded since gpt-oss (test_mxfp4.py)
 }
 
 

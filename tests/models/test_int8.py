@@ -40,6 +40,8 @@ WORKLOAD = dict(num_prompts=8, prompt_len=16, gen_len=8)
 # ~2x above the 7-bit case and ~2x below the 5% noise control.
 MAX_MEAN_KL = {"mixtral": 1.5e-2, "qwen2_moe": 5e-3, "qwen3_moe": 4e-3, "olmoe": 4e-3, "deepseek_v2": 4e-3,
                "deepseek_v3": 8e-3, "glm4_moe": 8e-3, "minimax_m2": 8e-3}
+# gpt_oss (measured here, VNNI): int8 1.9e-3 90.6%, 5% noise 2.4e-2 73.4%
+MAX_MEAN_KL["gpt_oss"] = 8e-3
 MIN_TOP1 = 80.0
 NOISE = 0.05
 

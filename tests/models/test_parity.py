@@ -141,6 +141,8 @@ SLIDING_CASES = {
                   dict(use_sliding_window=True, sliding_window=8,
                        layer_types=["full_attention", "sliding_attention", "sliding_attention"]),
                   (None, 8, 8), dict(layer_types=["full_attention"] * 3)),
+    # tests/checkpoints.py's gpt_oss already alternates sliding (window 8) and full layers
+    "gpt_oss": ("gpt_oss", {}, (8, None, 8), dict(layer_types=["full_attention"] * 3)),
 }
 
 
@@ -167,3 +169,16 @@ def test_sliding_window(case: str, make_checkpoint) -> None:
     with torch.no_grad():
         full_logits = full(torch.tensor([seq.tokens])).logits[0]
     assert (full_logits[-1] - seq.expected[-1]).abs().max() > 1e-2
+
+
+def test_gpt_oss_sinks_matter(make_checkpoint) -> None:
+    """The parity above would catch sinks ignored: without them transformers' logits move."""
+    directory = make_checkpoint("gpt_oss", "gpt_oss")
+    ref = hf.AutoModelForCausalLM.from_pretrained(directory).eval()
+    tokens = torch.tensor([list(range(40))])
+    with torch.no_grad():
+        with_sinks = ref(tokens).logits
+        for layer in ref.model.layers:
+            layer.self_attn.sinks.fill_(-1e4)      # exp(-1e4) = 0: no sink
+        without = ref(tokens).logits
+    assert (with_sinks - without).abs().max() > 1e-2

@@ -23,7 +23,7 @@ BUDGET = 32
 KV_BLOCKS_PER_RANK = {2: 7, 4: 5}
 
 CASES = [(arch, 2, mode) for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3",
-                                     "glm4_moe", "minimax_m2")
+                                     "glm4_moe", "minimax_m2", "gpt_oss")
          for mode in ("alltoall", "allreduce")]
 CASES += [("mixtral", 4, "alltoall"), ("qwen2_moe", 4, "allreduce")]
 
