@@ -22,7 +22,7 @@ from moeserve.models.config import CheckpointQuant, MoEModelConfig
 from moeserve.models.registry import model_class
 from moeserve.models.weight_conversion import (WeightConversion, dequantize_fp8_blocks, materialize_buffers,
                                                plan_conversion)
-from moeserve.models.weight_names import WEIGHT_NAMES, WeightNames
+from moeserve.models.weight_names import WeightNames, weight_names
 
 log = logging.getLogger(__name__)
 _LAYER_PARAM = re.compile(r"layers\.(\d+)\.(.+)")
@@ -134,7 +134,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     else:
         conversion = WeightConversion(dtype, device)
     reader = _open_reader(model_dir, cfg.checkpoint_quant)
-    names = WEIGHT_NAMES[cfg.architecture]
+    names = weight_names(cfg.architecture, cfg.multimodal)
     try:
         params = list(model.named_parameters())    # a tied lm_head is listed once, as embed
         for name, param in tqdm(params, desc="Loading weights", unit="tensor", disable=not progress):
@@ -198,7 +198,8 @@ def _read_experts(reader: CheckpointReader, names: WeightNames, prefix: str, gat
     base = prefix + e_names.prefix
     fused = f"{base}.{e_names.fused_gate_up if gate_up else e_names.fused_down}"
     if f"{base}.{experts.start}.{e_names.gate}" not in reader and fused in reader:
-        return reader.get(fused, rows=slice(experts.start, experts.stop))    # [E_local, ...]
+        tensor = reader.get(fused, rows=slice(experts.start, experts.stop))  # [E_local, ...]
+        return tensor.transpose(1, 2).contiguous() if e_names.fused_transposed else tensor
     stacked, labels = [], []
     for e in experts:
         if gate_up:

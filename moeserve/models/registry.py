@@ -14,6 +14,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "olmoe": MoEDecoder,
     "deepseek_v2": MoEDecoder,
     "deepseek_v3": MoEDecoder,
+    "llama4": MoEDecoder,
 }
 
 

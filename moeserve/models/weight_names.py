@@ -6,7 +6,7 @@ Each moeserve parameter is built from one or more checkpoint tensors concatenate
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,9 @@ class ExpertNames:
     down: str
     fused_gate_up: str = "gate_up_proj"   # fused 3-D layout some checkpoints use on disk
     fused_down: str = "down_proj"
+    # Llama 4 stores the fused experts for x @ W: gate_up_proj [E, H, 2I] (gate columns, then up)
+    # and down_proj [E, I, H]; the loader transposes them to [E, 2I, H] and [E, H, I].
+    fused_transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,19 @@ _DEEPSEEK_LAYER = {
     "mlp.down.weight": ("mlp.down_proj.weight",),
 }
 
+_LLAMA4_LAYER = {
+    **_ATTN,
+    "moe.router.weight": ("feed_forward.router.weight",),
+    "moe.shared.gate_up.weight": ("feed_forward.shared_expert.gate_proj.weight",
+                                  "feed_forward.shared_expert.up_proj.weight"),
+    "moe.shared.down.weight": ("feed_forward.shared_expert.down_proj.weight",),
+    "mlp.gate_up.weight": ("feed_forward.gate_proj.weight", "feed_forward.up_proj.weight"),
+    "mlp.down.weight": ("feed_forward.down_proj.weight",),
+}
+# Only the fused layout exists for Llama 4; the per-expert names are never present.
+_LLAMA4_EXPERTS = ExpertNames("feed_forward.experts", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
+                              fused_transposed=True)
+
 WEIGHT_NAMES: dict[str, WeightNames] = {
     "mixtral": WeightNames(
         "model.layers.{i}.",
@@ -85,4 +101,19 @@ WEIGHT_NAMES: dict[str, WeightNames] = {
     # it is never read: only the layers the config counts are.
     "deepseek_v2": WeightNames("model.layers.{i}.", _DEEPSEEK_LAYER, _QWEN_EXPERTS, _TOP),
     "deepseek_v3": WeightNames("model.layers.{i}.", _DEEPSEEK_LAYER, _QWEN_EXPERTS, _TOP),
+    "llama4": WeightNames("model.layers.{i}.", _LLAMA4_LAYER, _LLAMA4_EXPERTS, _TOP),
 }
+# Where the text model's tensors live in a vision-language checkpoint (MoEModelConfig.multimodal):
+# Llama4ForConditionalGeneration keeps its Llama4ForCausalLM as `language_model` (the hub's
+# Llama-4-Scout / Maverick checkpoints too); the vision tower's tensors are never read.
+MULTIMODAL_TEXT_PREFIX: dict[str, str] = {"llama4": "language_model."}
+
+
+def weight_names(architecture: str, multimodal: bool = False) -> WeightNames:
+    """The names to read for a checkpoint: the text-only ones, under the vision-language prefix if any."""
+    names = WEIGHT_NAMES[architecture]
+    if not multimodal:
+        return names
+    prefix = MULTIMODAL_TEXT_PREFIX[architecture]
+    top = {ours: tuple(prefix + n for n in theirs) for ours, theirs in names.top_map.items()}
+    return replace(names, layer_prefix=prefix + names.layer_prefix, top_map=top)
