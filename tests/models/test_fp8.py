@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from quant_quality import teacher_forced_compare  # noqa: E402
 
 FP8_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+FP8_ARCHITECTURES += ("llama4",)   # fused [E, H, 2I] experts: dequantized as stored, then transposed
 # Divides some weight dims (96, 48 rows; 80 cols) and not others (64, 32, 128 rows; 64, 96, 48
 # cols): whole blocks, and partial ones at the bottom and right edges.
 EDGE_BLOCK = (24, 20)
@@ -51,6 +52,7 @@ WORKLOAD = dict(num_prompts=8, prompt_len=16, gen_len=8)
 # shifted by one block (the control): 0.16, 0.14, 0.065, 0.071.
 MAX_MEAN_KL = {"mixtral": 1.5e-2, "qwen2_moe": 5e-3, "qwen3_moe": 4e-3, "olmoe": 4e-3, "deepseek_v2": 4e-3,
                "deepseek_v3": 8e-3}
+MAX_MEAN_KL["llama4"] = 4e-3
 MIN_TOP1 = 80.0
 
 
@@ -164,6 +166,8 @@ def test_fp8_checkpoint_matches_dequantized_transformers(make_fp8, arch) -> None
 def test_fp8_checkpoint_matches_transformers_fp8_loader(make_fp8, arch) -> None:
     """transformers dequantizes the FP8 checkpoint itself (on CPU it always dequantizes)."""
     pytest.importorskip("accelerate")              # transformers' FP8 loader needs it
+    if arch == "llama4":   # its load report lists the fused experts' *_scale_inv as UNEXPECTED
+        pytest.skip("transformers' FP8 loader never applies the scales of Llama 4's fused experts: no reference")
     fp8, _ = make_fp8(arch, WHOLE_BLOCKS.get(arch, WHOLE_BLOCK))
     ref = hf.AutoModelForCausalLM.from_pretrained(fp8, dtype=torch.float32).eval()
     assert ref.model.layers[0].self_attn.o_proj.weight.dtype == torch.float32

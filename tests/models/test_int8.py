@@ -40,6 +40,7 @@ WORKLOAD = dict(num_prompts=8, prompt_len=16, gen_len=8)
 # ~2x above the 7-bit case and ~2x below the 5% noise control.
 MAX_MEAN_KL = {"mixtral": 1.5e-2, "qwen2_moe": 5e-3, "qwen3_moe": 4e-3, "olmoe": 4e-3, "deepseek_v2": 4e-3,
                "deepseek_v3": 8e-3}
+MAX_MEAN_KL["llama4"] = 4e-3   # measured int8 oneDNN 9.7e-4, top-1 94%
 MIN_TOP1 = 80.0
 NOISE = 0.05
 
