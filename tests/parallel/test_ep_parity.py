@@ -25,6 +25,7 @@ KV_BLOCKS_PER_RANK = {2: 7, 4: 5}
 CASES = [(arch, 2, mode) for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
          for mode in ("alltoall", "allreduce")]
 CASES += [("mixtral", 4, "alltoall"), ("qwen2_moe", 4, "allreduce")]
+CASES += [("llama4", 2, "alltoall"), ("llama4", 2, "allreduce")]   # expert input weighted before dispatch
 
 
 def _params() -> list[SamplingParams]:
