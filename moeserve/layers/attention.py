@@ -120,7 +120,7 @@ class Attention(nn.Module):
             qk = l2_norm(qk, self.l2_eps)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, NH, D], [T, NKV, D]
         if self.temperature is not None:
-            q = (q * temperature_scales(meta.positions, *self.temperature)).to(q.dtype)
+            q = (q * self._temperature_scales(meta)).to(q.dtype)
         k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [NB*BS, NKV, D]
         v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         k_flat.index_copy_(0, meta.slot_mapping, k)
@@ -134,6 +134,15 @@ class Attention(nn.Module):
             for chunk in meta.prefills:
                 out[chunk.q_start: chunk.q_end] = self._prefill(q, k, v, k_flat, v_flat, chunk)
         return self.o(out.reshape(out.shape[0], -1))                 # [T, H]
+
+    def _temperature_scales(self, meta: AttentionMetadata) -> torch.Tensor:
+        """[T, 1, 1] float32, computed once a step and shared by every NoPE layer (kept beside the
+        step's rotary tables)."""
+        key = ("attn_temperature", self.temperature)
+        scales = meta.rope_cache.get(key)
+        if scales is None:
+            scales = meta.rope_cache[key] = temperature_scales(meta.positions, *self.temperature)
+        return scales
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = x.shape[0]
