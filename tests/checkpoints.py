@@ -12,7 +12,7 @@ import torch
 import transformers as hf
 
 ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                 "minimax_m2", "gpt_oss")
+                 "minimax_m2", "gpt_oss", "llama4")
 _COMMON = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.1,
                rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -44,6 +44,8 @@ def hf_config(arch: str, **overrides) -> hf.PretrainedConfig:
                                  num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)
     elif arch == "gpt_oss":
         cfg = hf.GptOssConfig(**_GPT_OSS)
+    elif arch == "llama4":
+        cfg = hf.Llama4TextConfig(**LLAMA4_TEXT)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
@@ -69,6 +71,30 @@ _GPT_OSS = dict(**_COMMON, head_dim=16, intermediate_size=48, num_local_experts=
                 swiglu_limit=0.6, rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=4.0,
                                                        original_max_position_embeddings=256, beta_fast=32.0,
                                                        beta_slow=1.0, truncate=False))
+# Llama 4: 4 layers, so rope layers (0-2, chunked attention) and a NoPE layer (3, full attention,
+# temperature-tuned queries), dense (0, 2) and MoE (1, 3) layers. Chunks of 16 positions: the test
+# prompts (17-130 tokens) cross chunk boundaries; floor_scale 8 makes the temperature differ from 1
+# from position 7 on (8192 in the real models). llama3 rope scaling with all three bands in play.
+LLAMA4_TEXT = dict(_COMMON, num_hidden_layers=4, head_dim=16, intermediate_size=48, intermediate_size_mlp=96,
+                   num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=16,
+                   floor_scale=8, attn_scale=0.1, use_qk_norm=True,
+                   rope_parameters=dict(rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+                                        high_freq_factor=4.0, original_max_position_embeddings=64))
+LLAMA4_VISION = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                     vision_output_dim=32, image_size=28, patch_size=14, projector_input_dim=32,
+                     projector_output_dim=32)
+
+
+def write_llama4_multimodal(out_dir: Path, seed: int = 0, **text_overrides) -> Path:
+    """A Llama4ForConditionalGeneration checkpoint (text model under `language_model.`, a tiny vision
+    tower beside it) written by transformers' save_pretrained."""
+    cfg = hf.Llama4Config(text_config=dict(LLAMA4_TEXT, **text_overrides), vision_config=LLAMA4_VISION,
+                          image_token_index=317, boi_token_index=318, eoi_token_index=319)
+    torch.manual_seed(seed)
+    model = hf.Llama4ForConditionalGeneration(cfg).eval()
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(out_dir)
+    return out_dir
 
 
 def _deepseek_config(arch: str) -> hf.PretrainedConfig:

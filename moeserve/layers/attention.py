@@ -44,8 +44,9 @@ class AttentionMetadata:
     _decode_masks: dict = field(default_factory=dict)  # window -> [B, 1, 1, Lmax] bool, built once a step
     rope_cache: dict = field(default_factory=dict)      # rotary cos/sin of `positions`, gathered once a step
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        mask = self._decode_masks.get(window)
+    def decode_mask(self, window: int | None, chunk: int | None = None) -> torch.Tensor:
+        key = window if chunk is None else (window, chunk)
+        mask = self._decode_masks.get(key)
         if mask is None:
             assert self.decode_slots is not None and self.decode_lens is not None
             cols = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)  # [Lmax]
@@ -53,20 +54,26 @@ class AttentionMetadata:
             mask = cols[None, :] < lens                                                      # [B, Lmax]
             if window is not None:
                 mask &= cols[None, :] > lens - 1 - window
+            if chunk is not None:   # the query (position lens - 1) sees only its own chunk
+                mask &= cols[None, :] >= (lens - 1).div(chunk, rounding_mode="floor") * chunk
             mask = mask[:, None, None, :]
-            self._decode_masks[window] = mask
+            self._decode_masks[key] = mask
         return mask
 
 
-def prefill_mask(start_pos: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """[n, start_pos + n] bool, or None when plain causal attention (is_causal) applies."""
-    if start_pos == 0 and window is None:
+def prefill_mask(start_pos: int, n: int, window: int | None, device: torch.device,
+                 chunk: int | None = None) -> torch.Tensor | None:
+    """[n, start_pos + n] bool, or None when plain causal attention (is_causal) applies.
+    `chunk`: tokens attend only to earlier tokens of their own chunk of positions (Llama 4)."""
+    if start_pos == 0 and window is None and (chunk is None or n <= chunk):
         return None
     q_pos = torch.arange(start_pos, start_pos + n, device=device)[:, None]     # [n, 1]
     k_pos = torch.arange(start_pos + n, device=device)[None, :]                # [1, L]
     mask = k_pos <= q_pos
     if window is not None:
         mask &= k_pos > q_pos - window
+    if chunk is not None:
+        mask &= k_pos.div(chunk, rounding_mode="floor") == q_pos.div(chunk, rounding_mode="floor")
     return mask
 
 
@@ -96,6 +103,18 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
     return out.view(b, nh, n, d)
 
 
+def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama 4's weightless q/k norm over each head's D, in float32: [..., D] -> [..., D]."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def temperature_scales(positions: torch.Tensor, floor_scale: float, attn_scale: float) -> torch.Tensor:
+    """Llama 4's NoPE-layer query scale (arXiv 2501.19399): 1 + attn_scale * log(1 + floor((pos + 1)
+    / floor_scale)), per token: positions [T] -> [T, 1, 1] float32."""
+    floors = torch.floor((positions.float() + 1.0) / floor_scale)
+    return (torch.log1p(floors) * attn_scale + 1.0)[:, None, None]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: MoEModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -114,12 +133,23 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = cfg.head_dim ** -0.5
         self.sinks = nn.Parameter(torch.empty(cfg.num_heads)) if cfg.attention_sinks else None   # [NH]
+        # Llama 4: chunked attention on rope layers; NoPE layers skip rotary, attend to the whole
+        # context and scale their queries by position (attn_temperature).
+        self.chunk = cfg.attention_chunks[layer_idx] if cfg.attention_chunks else None
+        self.use_rope = cfg.rope_layers[layer_idx] if cfg.rope_layers else True
+        self.l2_eps = cfg.rms_norm_eps if cfg.qk_norm == "l2_rope" and self.use_rope else None
+        self.temperature = cfg.attn_temperature if not self.use_rope else None
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # x [T, H]; kv_cache [2, NB, BS, NKV, D]
         qk, v = self._project(x)                                     # [T, NH + NKV, D], [T, NKV, D]
-        qk = self.rotary(meta.positions, qk, meta.rope_cache)
+        if self.use_rope:
+            qk = self.rotary(meta.positions, qk, meta.rope_cache)
+        if self.l2_eps is not None:                                  # after rope, as Llama 4
+            qk = l2_norm(qk, self.l2_eps)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, NH, D], [T, NKV, D]
+        if self.temperature is not None:
+            q = (q * self._temperature_scales(meta)).to(q.dtype)
         k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [NB*BS, NKV, D]
         v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         k_flat.index_copy_(0, meta.slot_mapping, k)
@@ -133,6 +163,15 @@ class Attention(nn.Module):
             for chunk in meta.prefills:
                 out[chunk.q_start: chunk.q_end] = self._prefill(q, k, v, k_flat, v_flat, chunk)
         return self.o(out.reshape(out.shape[0], -1))                 # [T, H]
+
+    def _temperature_scales(self, meta: AttentionMetadata) -> torch.Tensor:
+        """[T, 1, 1] float32, computed once a step and shared by every NoPE layer (kept beside the
+        step's rotary tables)."""
+        key = ("attn_temperature", self.temperature)
+        scales = meta.rope_cache.get(key)
+        if scales is None:
+            scales = meta.rope_cache[key] = temperature_scales(meta.positions, *self.temperature)
+        return scales
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = x.shape[0]
@@ -157,10 +196,11 @@ class Attention(nn.Module):
         keys = k_flat.index_select(0, slots).view(b, lmax, self.num_kv_heads, self.head_dim).transpose(1, 2)
         values = v_flat.index_select(0, slots).view(b, lmax, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.sinks is not None:
-            out = sink_attention(q[:, :, None, :], keys, values, meta.decode_mask(self.window), self.sinks, self.scale)
+            out = sink_attention(q[:, :, None, :], keys, values, meta.decode_mask(self.window, self.chunk),
+                                 self.sinks, self.scale)
             return out[:, :, 0, :]                                   # [B, NH, D]
         out = F.scaled_dot_product_attention(
-            q[:, :, None, :], keys, values, attn_mask=meta.decode_mask(self.window),
+            q[:, :, None, :], keys, values, attn_mask=meta.decode_mask(self.window, self.chunk),
             scale=self.scale, enable_gqa=True)
         return out[:, :, 0, :]                                       # [B, NH, D]
 
@@ -173,7 +213,7 @@ class Attention(nn.Module):
             keys = k_flat.index_select(0, chunk.context_slots)      # [L, NKV, D]
             values = v_flat.index_select(0, chunk.context_slots)
         n = chunk.q_end - chunk.q_start
-        mask = prefill_mask(chunk.start_pos, n, self.window, q.device)
+        mask = prefill_mask(chunk.start_pos, n, self.window, q.device, self.chunk)
         if self.sinks is not None:
             mask = causal_mask(n, q.device) if mask is None else mask
             out = sink_attention(q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],

@@ -44,8 +44,11 @@ class Experts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int,
                  first_expert: int = 0, num_local: int | None = None,
-                 options: ExpertOptions = ExpertOptions()) -> None:
+                 options: ExpertOptions = ExpertOptions(), weight_input: bool = False) -> None:
         super().__init__()
+        # Llama 4: each route's weight scales the expert's input (expert(w * x)), not its output
+        # (w * expert(x)); SwiGLU is not linear, so the two differ.
+        self.weight_input = weight_input
         num_local = num_experts if num_local is None else num_local
         self.holds_all = first_expert == 0 and num_local == num_experts
         self.w13 = nn.Parameter(torch.empty(num_local, 2 * intermediate, hidden))
@@ -79,6 +82,9 @@ class Experts(nn.Module):
         order = local_ids.argsort(stable=True)                                    # [R] grouped by expert
         token_of_route = order.div(k, rounding_mode="floor")                      # [R]
         x_sorted = x.index_select(0, token_of_route)                              # [R, H]
+        route_w = routing.weights.flatten()[order, None]                          # [R, 1] float32
+        if self.weight_input:
+            x_sorted = x_sorted * route_w.to(x.dtype)
         group_sizes = torch.bincount(local_ids, minlength=self.num_local + 1)     # [E_local + 1]
         if x.device.type == "cpu":
             out_sorted = self._per_expert(x_sorted, group_sizes.tolist())         # host memory: no sync
@@ -89,7 +95,7 @@ class Experts(nn.Module):
                 # ranks' or dropped routes); the CPU path zeroes them itself.
                 out_sorted = torch.where((local_ids[order] < self.num_local)[:, None], out_sorted, 0.0)
         # Weighted sum in float32, routes back in token order: [R, H] -> [T, K, H] -> [T, H].
-        weighted = out_sorted.float().mul_(routing.weights.flatten()[order, None])
+        weighted = out_sorted.float() if self.weight_input else out_sorted.float().mul_(route_w)
         by_token = torch.empty_like(weighted).index_copy_(0, order, weighted)
         return by_token.view(t, k, -1).sum(1).to(x.dtype)
 
@@ -99,6 +105,8 @@ class Experts(nn.Module):
         same products, summed in float32 in the same route order as forward()."""
         if not self.plain_swiglu:
             return self._one_token_general(x, routing)
+        if self.weight_input:
+            return self._one_token_weighted_input(x, routing)
         total = None
         for e, weight in zip(routing.expert_ids[0].tolist(), routing.weights[0].tolist()):
             gate, up = self._matmul("w13", e, x).chunk(2, dim=-1)                 # [1, I] x2
@@ -138,6 +146,17 @@ class Experts(nn.Module):
         ids = torch.arange(sizes.shape[0], device=out.device)
         row_expert = torch.repeat_interleave(ids, sizes, output_size=out.shape[0])   # [n], no host sync
         return out + bias.index_select(0, row_expert.clamp_(max=self.num_local - 1))
+
+    def _one_token_weighted_input(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """_one_token for weight_input (Llama 4): expert e runs on w_e * x (w_e rounded to x's
+        dtype first, as the batched path and transformers do)."""
+        weights = routing.weights[0].to(x.dtype)                                  # [K]
+        total = None
+        for i, e in enumerate(routing.expert_ids[0].tolist()):
+            gate, up = self._matmul("w13", e, x * weights[i]).chunk(2, dim=-1)    # [1, I] x2
+            y = self._matmul("w2", e, F.silu(gate).mul_(up)).float()              # [1, H]
+            total = y if total is None else total.add_(y)
+        return total.to(x.dtype)
 
     def _local_ids(self, routing: Routing) -> torch.Tensor:
         """[R] this rank's expert index of each route; E_local for routes owned by other ranks or
@@ -236,6 +255,7 @@ class MoEShape:
     correction_bias: bool = False  # DeepSeek-V3: a learned per-expert bias steers the choice
     router_bias: bool = False      # gpt-oss: the router Linear has a bias
     experts: ExpertOptions = ExpertOptions()   # gpt-oss: expert biases, clamped SwiGLU
+    weight_input: bool = False     # Llama 4: the router weight scales the expert input (see Experts)
 
 
 class MoELayer(nn.Module):
@@ -246,7 +266,7 @@ class MoELayer(nn.Module):
         # float32 (see models/weight_conversion.py): added to scores in [0, 1] before the top-k.
         self.score_bias = nn.Parameter(torch.zeros(shape.routing.num_experts)) if shape.correction_bias else None
         self.experts = Experts(shape.routing.num_experts, shape.hidden, shape.intermediate,
-                               shape.first_expert, shape.num_local, shape.experts)
+                               shape.first_expert, shape.num_local, shape.experts, shape.weight_input)
         self.shared = DenseMLP(shape.hidden, shape.shared_intermediate) if shape.shared_intermediate else None
         self.shared_gate = Linear(shape.hidden, 1, bias=False) if shape.shared_gated else None
         self.ep: ExpertParallel | None = None   # set by MoEDecoder.attach_expert_parallel()
@@ -285,9 +305,18 @@ class MoELayer(nn.Module):
         counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts]     # [E]
         sent = order if not routing.capacity_limited else order[: int(counts.sum())]   # [S]
         token_of_route = sent // k
+        if self.experts.weight_input:   # the weight goes where the sent rows are built
+            return self._alltoall_weighted_input(x, routing, ep, sent, token_of_route, counts)
         y = ep.exchange(x[token_of_route], counts, self.experts.run_rows)         # [S, H]
         weights = routing.weights.flatten()[sent, None].to(y.dtype)               # [S, 1]
         return torch.zeros_like(x).index_add_(0, token_of_route, y * weights)
+
+    def _alltoall_weighted_input(self, x: torch.Tensor, routing: Routing, ep: ExpertParallel, sent: torch.Tensor,
+                                 token_of_route: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Llama 4 over all-to-all: each sent row is already w * x, the results are summed unweighted."""
+        weights = routing.weights.flatten()[sent, None].to(x.dtype)               # [S, 1]
+        y = ep.exchange(x[token_of_route] * weights, counts, self.experts.run_rows)  # [S, H]
+        return torch.zeros_like(x).index_add_(0, token_of_route, y)
 
     def serve_peers(self, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
         """alltoall mode on a rank with no tokens this step: run the other ranks' routes."""

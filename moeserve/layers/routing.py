@@ -57,6 +57,9 @@ class RoutingConfig:
     num_devices: int = 1                     # experts split contiguously over this many devices
     noisy_gate: Literal["none", "jitter", "rsample"] = "none"   # training only
     jitter_eps: float = 1e-2
+    # Llama 4: choose by the raw logits (sigmoid is monotonic, but saturates to equal float32
+    # scores for large logits, where the top-k tie-break would differ from the checkpoint's router)
+    select_on_logits: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.num_experts:
@@ -111,6 +114,8 @@ def route(logits: torch.Tensor, cfg: RoutingConfig, score_bias: torch.Tensor | N
         logits = logits * noise
     scores = _scores(logits, cfg.scoring)                                               # [T, E]
     choice = scores if score_bias is None else scores + score_bias.float()
+    if cfg.select_on_logits:
+        choice = logits
     if training and cfg.noisy_gate == "rsample":
         choice = choice + torch.randn(choice.shape, generator=generator) / cfg.num_experts
     choice = _limit_groups(choice, cfg)

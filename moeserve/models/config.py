@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from moeserve.layers.routing import RoutingConfig   # layers import this module
 
 Architecture = Literal["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe",
-                       "minimax_m2", "gpt_oss"]
-QKNorm = Literal["none", "per_head", "full"]
+                       "minimax_m2", "gpt_oss", "llama4"]
+QKNorm = Literal["none", "per_head", "full", "l2_rope"]   # l2_rope: Llama 4's weightless L2 norm after rope
 RopeType = Literal["default", "linear", "llama3", "yarn"]
 # What an expert computes between its two projections: SwiGLU silu(gate) * up, or gpt-oss's
 # clamped variant (gate clamped above, up both sides, gate * sigmoid(alpha * gate) * (up + 1)).
@@ -37,11 +37,13 @@ HF_ARCHITECTURES: dict[str, Architecture] = {
     "Glm4MoeForCausalLM": "glm4_moe",
     "MiniMaxM2ForCausalLM": "minimax_m2",
     "GptOssForCausalLM": "gpt_oss",
+    "Llama4ForCausalLM": "llama4",
+    "Llama4ForConditionalGeneration": "llama4",   # its text model only: vision weights are never read
 }
 MODEL_TYPES: dict[str, Architecture] = {
     "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "olmoe": "olmoe",
     "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3", "glm4_moe": "glm4_moe", "minimax_m2": "minimax_m2",
-    "gpt_oss": "gpt_oss",
+    "gpt_oss": "gpt_oss", "llama4_text": "llama4", "llama4": "llama4",
 }
 # Checkpoint weight formats the loader converts (see models/weight_conversion.py); any other
 # quantization_config.quant_method is refused by name rather than loaded as garbage.
@@ -93,6 +95,7 @@ class RouterSpec:
     topk_group: int = 1
     group_score: Literal["max", "top2_sum"] = "max"
     correction_bias: bool = False       # DeepSeek-V3: e_score_correction_bias steers the choice
+    select_on_logits: bool = False      # Llama 4: top-k over the raw logits (sigmoid saturates: ties)
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,13 @@ class MoEModelConfig:
     expert_activation: ExpertActivation = "swiglu"
     swiglu_alpha: float = 1.702         # clamped_swiglu: sigmoid gain
     swiglu_limit: float = 7.0           # clamped_swiglu: clamp of gate (above) and up (both sides)
+    # Llama 4 (empty / default = every other architecture):
+    attention_chunks: tuple[int | None, ...] = ()   # per layer: attend only within chunks of positions
+    rope_layers: tuple[bool, ...] = ()  # per layer: rotary applied (False = NoPE); empty = every layer
+    rope_interleaved: bool = False      # rope over pairs (2i, 2i + 1) (complex rope), GQA layers too
+    attn_temperature: tuple[float, float] | None = None   # NoPE layers' query scale (floor_scale, attn_scale)
+    moe_weight_input: bool = False      # the router weight scales each expert's input, not its output
+    multimodal: bool = False            # the text model of a vision-language checkpoint
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -447,9 +457,78 @@ def _gpt_oss(raw: dict, arch: Architecture) -> MoEModelConfig:
         swiglu_limit=float(raw.get("swiglu_limit", 7.0)))
 
 
+def _llama4(raw: dict, arch: Architecture) -> MoEModelConfig:
+    """Llama 4 Scout / Maverick (Llama4ForCausalLM, or the text model of Llama4ForConditionalGeneration):
+    chunked local attention with rope, full-attention NoPE layers with query temperature tuning,
+    top-1 sigmoid routing that scales the expert's input, a shared expert, interleaved dense layers.
+    Absent fields take transformers' Llama4TextConfig defaults."""
+    multimodal = "text_config" in raw
+    text = _llama4_text(raw) if multimodal else dict(raw)
+    text.setdefault("rope_theta", 500000.0)
+    if text.get("attention_bias"):
+        raise CheckpointError(f"{arch}: attention_bias is not supported (no Llama 4 checkpoint sets it)")
+    common = _common(text, arch)
+    layers = common["num_layers"]
+    rope_layers = _llama4_rope_layers(text, layers)
+    inter = text["intermediate_size"]   # one expert and the shared expert; dense layers: intermediate_size_mlp
+    temperature = (float(text.get("floor_scale", 8192)), float(text.get("attn_scale", 0.1))) \
+        if text.get("attn_temperature_tuning", True) else None
+    return MoEModelConfig(
+        **common, intermediate_size=text.get("intermediate_size_mlp", 16384), moe_intermediate_size=inter,
+        num_experts=text.get("num_local_experts", 16), top_k=text.get("num_experts_per_tok", 1),
+        norm_topk_prob=False, moe_layers=_llama4_moe_layers(text, layers), shared_expert_intermediate_size=inter,
+        qk_norm="l2_rope" if text.get("use_qk_norm", True) else "none",
+        router=RouterSpec(scoring="sigmoid", select_on_logits=True),
+        attention_chunks=_llama4_chunks(text, rope_layers), rope_layers=rope_layers, rope_interleaved=True,
+        attn_temperature=temperature, moe_weight_input=True, multimodal=multimodal)
+
+
+def _llama4_text(raw: dict) -> dict:
+    """The nested text_config of a Llama4ForConditionalGeneration config.json; dtype and token ids
+    the top level sets fill in what it leaves out."""
+    text = dict(raw["text_config"] or {})
+    for key in ("torch_dtype", "dtype", "bos_token_id", "eos_token_id"):
+        if text.get(key) is None and raw.get(key) is not None:
+            text[key] = raw[key]
+    return text
+
+
+def _llama4_rope_layers(text: dict, layers: int) -> tuple[bool, ...]:
+    # no_rope_layers[i] == 1 means layer i DOES use rope (transformers' naming); empty or absent:
+    # a NoPE layer every no_rope_layer_interval layers (the last of each group).
+    flags = text.get("no_rope_layers") or []
+    if not flags:
+        interval = text.get("no_rope_layer_interval", 4)
+        return tuple((i + 1) % interval != 0 for i in range(layers))
+    if len(flags) < layers:
+        raise CheckpointError(f"llama4: no_rope_layers has {len(flags)} entries for {layers} layers")
+    return tuple(bool(f) for f in flags[:layers])
+
+
+def _llama4_moe_layers(text: dict, layers: int) -> tuple[bool, ...]:
+    # moe_layers (layer indices) when given, else every interleave_moe_layer_step-th layer, last of each step
+    listed = text.get("moe_layers")
+    if listed is None:
+        step = text.get("interleave_moe_layer_step", 1)
+        listed = range(step - 1, layers, step)
+    moe = set(listed)
+    return tuple(i in moe for i in range(layers))
+
+
+def _llama4_chunks(text: dict, rope_layers: tuple[bool, ...]) -> tuple[int | None, ...]:
+    # layer_types decides the mask (chunked_attention / full_attention); absent, rope layers are chunked
+    types = text.get("layer_types") or ["chunked_attention" if r else "full_attention" for r in rope_layers]
+    unknown = sorted(set(types[: len(rope_layers)]) - {"chunked_attention", "full_attention"})
+    if unknown or len(types) < len(rope_layers):
+        raise CheckpointError(f"llama4: layer_types {unknown or types} not supported "
+                              "(one chunked_attention or full_attention per layer)")
+    chunk = text.get("attention_chunk_size")
+    return tuple(chunk if t == "chunked_attention" and chunk else None for t in types[: len(rope_layers)])
+
+
 _FAMILIES = {"mixtral": _mixtral, "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "olmoe": _olmoe,
              "deepseek_v2": _deepseek, "deepseek_v3": _deepseek, "glm4_moe": _glm4_moe, "minimax_m2": _minimax_m2,
-             "gpt_oss": _gpt_oss}
+             "gpt_oss": _gpt_oss, "llama4": _llama4}
 
 
 def routing_from_hf(raw: dict) -> "RoutingConfig":
@@ -469,4 +548,4 @@ def routing_config(spec: RouterSpec, num_experts: int, top_k: int, renormalize: 
     return RoutingConfig(
         num_experts=num_experts, top_k=top_k, scoring=spec.scoring, renormalize=renormalize,
         routed_scaling_factor=spec.routed_scaling_factor, n_group=spec.n_group, topk_group=spec.topk_group,
-        group_score=spec.group_score)
+        group_score=spec.group_score, select_on_logits=spec.select_on_logits)

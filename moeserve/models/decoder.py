@@ -60,13 +60,13 @@ class MoEDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         rotary = RotaryEmbedding(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings,
-                                 interleaved=bool(cfg.mla and cfg.mla.rope_interleave))
+                                 interleaved=cfg.rope_interleaved or bool(cfg.mla and cfg.mla.rope_interleave))
         routing = routing_config(cfg.router, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob)
         moe_shape = MoEShape(
             hidden=cfg.hidden_size, intermediate=cfg.moe_intermediate_size, routing=routing,
             shared_intermediate=cfg.shared_expert_intermediate_size, shared_gated=cfg.shared_expert_gated,
             first_expert=first_expert, num_local=num_local_experts, correction_bias=cfg.router.correction_bias,
-            router_bias=cfg.router_bias, experts=_expert_options(cfg))
+            router_bias=cfg.router_bias, experts=_expert_options(cfg), weight_input=cfg.moe_weight_input)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, rotary, moe_shape if cfg.moe_layers[i] else None) for i in range(cfg.num_layers))

@@ -24,7 +24,7 @@ from moeserve.models.registry import model_class
 from moeserve.models.weight_conversion import (WeightConversion, dequantize_fp8_blocks, materialize_buffers,
                                                plan_conversion)
 from moeserve.models.weight_conversion import dequantize_mxfp4, gate_up_from_interleaved
-from moeserve.models.weight_names import WEIGHT_NAMES, ExpertNames, WeightNames
+from moeserve.models.weight_names import ExpertNames, WeightNames, weight_names
 
 log = logging.getLogger(__name__)
 _LAYER_PARAM = re.compile(r"layers\.(\d+)\.(.+)")
@@ -155,7 +155,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     else:
         conversion = WeightConversion(dtype, device)
     reader = _open_reader(model_dir, cfg.checkpoint_quant)
-    names = WEIGHT_NAMES[cfg.architecture]
+    names = weight_names(cfg.architecture, cfg.multimodal)
     try:
         params = list(model.named_parameters())    # a tied lm_head is listed once, as embed
         for name, param in tqdm(params, desc="Loading weights", unit="tensor", disable=not progress):

@@ -17,6 +17,7 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "glm4_moe": MoEDecoder,
     "minimax_m2": MoEDecoder,
     "gpt_oss": MoEDecoder,
+    "llama4": MoEDecoder,
 }
 
 

@@ -6,7 +6,7 @@ Each moeserve parameter is built from one or more checkpoint tensors concatenate
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -17,8 +17,9 @@ class ExpertNames:
     down: str
     fused_gate_up: str = "gate_up_proj"   # fused 3-D layout some checkpoints use on disk
     fused_down: str = "down_proj"
-    # gpt-oss's fused layout: [E, in, out] on disk (MXFP4 blocks are [E, out, in] all the same),
-    # gate and up alternating along 2I, biases beside the weights.
+    # Fused layouts stored for x @ W, [E, in, out] (gpt-oss, Llama 4; gpt-oss's MXFP4 blocks are
+    # [E, out, in] all the same): transposed at load. gpt-oss also alternates gate and up along 2I
+    # and keeps biases beside the weights.
     fused_transposed: bool = False
     gate_up_interleaved: bool = False
     fused_gate_up_bias: str = "gate_up_proj_bias"
@@ -93,6 +94,18 @@ _GPT_OSS_LAYER = {
 }
 _GPT_OSS_EXPERTS = ExpertNames("mlp.experts", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
                                fused_transposed=True, gate_up_interleaved=True)
+_LLAMA4_LAYER = {
+    **_ATTN,
+    "moe.router.weight": ("feed_forward.router.weight",),
+    "moe.shared.gate_up.weight": ("feed_forward.shared_expert.gate_proj.weight",
+                                  "feed_forward.shared_expert.up_proj.weight"),
+    "moe.shared.down.weight": ("feed_forward.shared_expert.down_proj.weight",),
+    "mlp.gate_up.weight": ("feed_forward.gate_proj.weight", "feed_forward.up_proj.weight"),
+    "mlp.down.weight": ("feed_forward.down_proj.weight",),
+}
+# Only the fused layout exists for Llama 4; the per-expert names are never present.
+_LLAMA4_EXPERTS = ExpertNames("feed_forward.experts", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
+                              fused_transposed=True)
 
 WEIGHT_NAMES: dict[str, WeightNames] = {
     "mixtral": WeightNames(
@@ -113,4 +126,19 @@ WEIGHT_NAMES: dict[str, WeightNames] = {
         "model.layers.{i}.", _MINIMAX_M2_LAYER,
         ExpertNames("block_sparse_moe.experts", "w1.weight", "w3.weight", "w2.weight"), _TOP),
     "gpt_oss": WeightNames("model.layers.{i}.", _GPT_OSS_LAYER, _GPT_OSS_EXPERTS, _TOP),
+    "llama4": WeightNames("model.layers.{i}.", _LLAMA4_LAYER, _LLAMA4_EXPERTS, _TOP),
 }
+# Where the text model's tensors live in a vision-language checkpoint (MoEModelConfig.multimodal):
+# Llama4ForConditionalGeneration keeps its Llama4ForCausalLM as `language_model` (the hub's
+# Llama-4-Scout / Maverick checkpoints too); the vision tower's tensors are never read.
+MULTIMODAL_TEXT_PREFIX: dict[str, str] = {"llama4": "language_model."}
+
+
+def weight_names(architecture: str, multimodal: bool = False) -> WeightNames:
+    """The names to read for a checkpoint: the text-only ones, under the vision-language prefix if any."""
+    names = WEIGHT_NAMES[architecture]
+    if not multimodal:
+        return names
+    prefix = MULTIMODAL_TEXT_PREFIX[architecture]
+    top = {ours: tuple(prefix + n for n in theirs) for ours, theirs in names.top_map.items()}
+    return replace(names, layer_prefix=prefix + names.layer_prefix, top_map=top)

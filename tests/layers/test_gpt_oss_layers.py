@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as hf
-from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP, GptOssTopKRouter, eager_attention_forward
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP, eager_attention_forward
 
 from moeserve.layers.attention import causal_mask, sink_attention
 from moeserve.layers.linear import WeightFormat

@@ -26,6 +26,7 @@ CASES = [(arch, 2, mode) for arch in ("mixtral", "qwen2_moe", "qwen3_moe", "olmo
                                      "glm4_moe", "minimax_m2", "gpt_oss")
          for mode in ("alltoall", "allreduce")]
 CASES += [("mixtral", 4, "alltoall"), ("qwen2_moe", 4, "allreduce")]
+CASES += [("llama4", 2, "alltoall"), ("llama4", 2, "allreduce")]   # expert input weighted before dispatch
 
 
 def _params() -> list[SamplingParams]:
