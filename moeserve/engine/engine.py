@@ -125,12 +125,12 @@ class Engine:
         cfg = self.config
         if self.ep_size == 1:
             model = load_model(self.model_dir, self.dtype, self.device, quantization=cfg.quantization,
-                               quantize_lm_head=cfg.quantize_lm_head)
+                               quantize_lm_head=cfg.quantize_lm_head, max_positions=self.max_model_len)
             model.set_capacity(cfg.capacity_factor, cfg.min_capacity, cfg.drop_policy)
             sampler = Sampler(self.eos_token_ids, seed=cfg.seed, device=self.device)
             return LocalExecutor(ModelRunner(model, self.num_kv_blocks, cfg.block_size, self.dtype, self.device, sampler))
         specs = rank_specs(cfg, self.ep_size, self.model_dir, self.dtype, self.device, self.model_config.num_experts,
-                           self.num_kv_blocks, self.eos_token_ids)
+                           self.num_kv_blocks, self.eos_token_ids, self.max_model_len)
         threads = threads_per_rank(cfg, self.ep_size, self.device)
         torch.set_num_threads(threads)
         return EPExecutor(specs, local_ranks=self.ep_size // cfg.nnodes, num_threads=threads)

@@ -36,7 +36,8 @@ def usable_cpus() -> int:
 
 
 def rank_specs(cfg: EngineConfig, ep_size: int, model_dir: Path, dtype: torch.dtype, device: torch.device,
-               num_experts: int, num_kv_blocks: int, eos_token_ids: tuple[int, ...]) -> list[RankSpec]:
+               num_experts: int, num_kv_blocks: int, eos_token_ids: tuple[int, ...],
+               max_model_len: int | None = None) -> list[RankSpec]:
     """One spec per global rank. Ranks are numbered node by node: node k holds
     [k * local, (k + 1) * local)."""
     local = ep_size // cfg.nnodes
@@ -50,7 +51,7 @@ def rank_specs(cfg: EngineConfig, ep_size: int, model_dir: Path, dtype: torch.dt
             rendezvous=rdv, model_dir=str(model_dir), dtype=dtype, mode=cfg.ep_dispatch, num_experts=num_experts,
             num_kv_blocks=num_kv_blocks, block_size=cfg.block_size, eos_token_ids=eos_token_ids, seed=cfg.seed,
             capacity_factor=cfg.capacity_factor, min_capacity=cfg.min_capacity, drop_policy=cfg.drop_policy,
-            quantization=cfg.quantization, quantize_lm_head=cfg.quantize_lm_head))
+            quantization=cfg.quantization, quantize_lm_head=cfg.quantize_lm_head, max_model_len=max_model_len))
     return specs
 
 

@@ -72,12 +72,16 @@ class RotaryEmbedding(nn.Module):
     output lists the rotated even dims, then the odd ones (transformers' DeepSeek-V3 layout): a
     fixed permutation of both queries and keys, so their dot products are unchanged."""
 
-    def __init__(self, rope: RopeConfig, head_dim: int, max_position: int, interleaved: bool = False) -> None:
+    def __init__(self, rope: RopeConfig, head_dim: int, max_position: int, interleaved: bool = False,
+                 table_len: int | None = None) -> None:
         super().__init__()
         self.rope, self.head_dim, self.max_position = rope, head_dim, max_position
         self.interleaved = interleaved
-        self.register_buffer("cos", torch.empty(max_position, head_dim), persistent=False)
-        self.register_buffer("sin", torch.empty(max_position, head_dim), persistent=False)
+        # Positions the tables hold: the served context (--max-model-len), not always the model's
+        # max_position_embeddings (Llama-4-Scout's 10.5M positions would take 10.7 GB of tables).
+        self.table_len = min(table_len or max_position, max_position)
+        self.register_buffer("cos", torch.empty(self.table_len, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(self.table_len, head_dim), persistent=False)
         if self.cos.device.type != "meta":
             self.reset_tables()
 
@@ -85,7 +89,7 @@ class RotaryEmbedding(nn.Module):
     def reset_tables(self) -> None:
         """(Re)computes the float32 cos/sin tables; called after building on the meta device."""
         inv_freq, scaling = inverse_frequencies(self.rope, self.head_dim, self.max_position)
-        positions = torch.arange(self.max_position, dtype=torch.float32)
+        positions = torch.arange(self.table_len, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)                 # [P, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)                  # [P, D]
         self.cos = (emb.cos() * scaling).to(self.cos.device)

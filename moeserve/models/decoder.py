@@ -56,10 +56,11 @@ def _expert_options(cfg: MoEModelConfig) -> ExpertOptions:
 
 
 class MoEDecoder(nn.Module):
-    def __init__(self, cfg: MoEModelConfig, first_expert: int = 0, num_local_experts: int | None = None) -> None:
+    def __init__(self, cfg: MoEModelConfig, first_expert: int = 0, num_local_experts: int | None = None,
+                 max_positions: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        rotary = RotaryEmbedding(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings,
+        rotary = RotaryEmbedding(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings, table_len=max_positions,
                                  interleaved=cfg.rope_interleaved or bool(cfg.mla and cfg.mla.rope_interleave))
         routing = routing_config(cfg.router, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob)
         moe_shape = MoEShape(

@@ -137,8 +137,12 @@ class CheckpointReader:
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
                first_expert: int = 0, num_local_experts: int | None = None,
                progress: bool = True, quantization: str | None = None,
-               quantize_lm_head: bool = False, pack: bool = True) -> torch.nn.Module:
+               quantize_lm_head: bool = False, pack: bool = True,
+               max_positions: int | None = None) -> torch.nn.Module:
     """Builds the model for model_dir and fills it from the checkpoint, one tensor at a time.
+
+    max_positions: the longest sequence it will serve (rotary tables are built that long; default
+    the model's max_position_embeddings).
 
     Only experts [first_expert, first_expert + num_local_experts) are read (all when None).
     Weights go into the fastest kernel layout this machine has (`pack=False`: plain tensors,
@@ -149,7 +153,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     cfg = MoEModelConfig.from_dir(model_dir)
     cls = model_class(cfg.architecture)
     with torch.device("meta"):
-        model = cls(cfg, first_expert=first_expert, num_local_experts=num_local_experts)
+        model = cls(cfg, first_expert=first_expert, num_local_experts=num_local_experts, max_positions=max_positions)
     if pack or quantization:
         conversion = plan_conversion(model, dtype, device, quantization, quantize_lm_head)
     else:

@@ -47,6 +47,7 @@ class RankSpec:
     drop_policy: str
     quantization: str | None = None
     quantize_lm_head: bool = False
+    max_model_len: int | None = None   # positions the rotary tables hold
 
 
 @dataclass(slots=True)
@@ -118,7 +119,8 @@ def build_rank(spec: RankSpec, groups: Groups) -> RankRunner:
     placement = ExpertPlacement(spec.num_experts, spec.rendezvous.world_size)
     experts = placement.experts_of(rank)
     model = load_model(spec.model_dir, spec.dtype, device, experts.start, len(experts), progress=rank == 0,
-                       quantization=spec.quantization, quantize_lm_head=spec.quantize_lm_head)
+                       quantization=spec.quantization, quantize_lm_head=spec.quantize_lm_head,
+                       max_positions=spec.max_model_len)
     model.set_capacity(spec.capacity_factor, spec.min_capacity, spec.drop_policy)
     # allreduce: every rank routes every token, so rank 0's counts are already the global ones.
     model.count_experts = rank == 0 or spec.mode == "alltoall"

@@ -13,7 +13,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.mixtral.modeling_mixtral import MixtralRotaryEmbedding, apply_rotary_pos_emb
 
 from moeserve.layers.rotary import RotaryEmbedding, inverse_frequencies
-from moeserve.models.config import MoEModelConfig
+from moeserve.models.config import MoEModelConfig, RopeConfig
 
 HEAD_DIM = 128
 MAX_POSITION = 131072
@@ -93,3 +93,13 @@ def test_rotation_matches_hf_apply(case: str) -> None:
     eq, ek = apply_rotary_pos_emb(q.transpose(0, 1), k.transpose(0, 1), cos, sin, unsqueeze_dim=0)
     torch.testing.assert_close(rq, eq.transpose(0, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rk, ek.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_tables_sized_to_the_served_context_keep_the_frequencies() -> None:
+    """A table as long as --max-model-len, not max_position_embeddings (Llama-4-Scout: 10.5M
+    positions, 10.7 GB of float32 tables), with the same values where both exist."""
+    rope = RopeConfig(theta=5e5, type="llama3", factor=8.0, original_max_position=8192)
+    full = RotaryEmbedding(rope, 64, 10_485_760 // 1024)
+    short = RotaryEmbedding(rope, 64, 10_485_760 // 1024, table_len=300)
+    assert short.cos.shape == (300, 64) and full.cos.shape == (10_240, 64)
+    assert torch.equal(short.cos, full.cos[:300]) and torch.equal(short.sin, full.sin[:300])
