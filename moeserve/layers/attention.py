@@ -82,15 +82,34 @@ def causal_mask(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril_()
 
 
+_SINK_QUERY_BLOCK = 128   # query rows a sink_attention score block holds (bounds its memory)
+
+
 def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                    sinks: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention whose softmax denominator also holds exp(sink) of each head (gpt-oss).
 
     q [B, NH, n, D]; keys, values [B, NKV, L, D]; mask bool broadcastable to [B, NH, n, L]
     (True = attend); sinks [NH] -> [B, NH, n, D]. Explicit matmul-softmax, as transformers'
-    eager gpt-oss attention: the score matrix is materialised ([B, NH, n, L] float32), fine for
-    decode and prefill chunks. GQA without copying K/V: a KV head's G query heads become G*n rows.
+    eager gpt-oss attention, over blocks of at most 128 query rows: a 2,048-token prefill chunk of
+    gpt-oss-120b (64 heads) would otherwise hold 1 GiB of float32 scores per layer.
     """
+    n = q.shape[2]
+    if n <= _SINK_QUERY_BLOCK:
+        return _sink_attention_block(q, keys, values, mask, sinks, scale)
+    per_row = mask.dim() >= 2 and mask.shape[-2] == n          # else it broadcasts over the queries
+    blocks = []
+    for start in range(0, n, _SINK_QUERY_BLOCK):
+        rows = slice(start, start + _SINK_QUERY_BLOCK)
+        block_mask = mask[..., rows, :] if per_row else mask
+        blocks.append(_sink_attention_block(q[:, :, rows], keys, values, block_mask, sinks, scale))
+    return torch.cat(blocks, dim=2)
+
+
+def _sink_attention_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                          sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """sink_attention for one block of queries; the score matrix [B, NH, n, L] float32 is
+    materialised. GQA without copying K/V: a KV head's G query heads become G*n rows."""
     b, nh, n, d = q.shape
     nkv, length = keys.shape[1], keys.shape[2]
     qg = q.reshape(b, nkv, (nh // nkv) * n, d)                                # [B, NKV, G*n, D]

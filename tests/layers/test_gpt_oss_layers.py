@@ -168,7 +168,8 @@ class _Holder(torch.nn.Module):
         self.sinks, self.num_key_value_groups, self.training = sinks, groups, False
 
 
-@pytest.mark.parametrize("n, length, window", [(1, 1, None), (5, 5, None), (6, 20, None), (9, 30, 8)])
+@pytest.mark.parametrize("n, length, window", [(1, 1, None), (5, 5, None), (6, 20, None), (9, 30, 8),
+                                               (300, 300, None), (290, 310, 40)])   # > one 128-row block
 def test_sink_attention_matches_hf_eager(n: int, length: int, window: int | None) -> None:
     gen = torch.Generator().manual_seed(n)
     nh, nkv, d = 4, 2, 16
