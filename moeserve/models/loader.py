@@ -90,30 +90,27 @@ class CheckpointReader:
         """float8 [..., out, in] -> float32; float32 because place() casts or quantizes it next."""
         if tensor.dtype not in _FP8_DTYPES:
             raise CheckpointError(f"{self.model_dir}: tensor {name!r} is {tensor.dtype}, which moeserve cannot load")
-        if self.quant is None or self.quant.method != "fp8":
-            raise CheckpointError(
-                f"{self.model_dir}: tensor {name!r} is {tensor.dtype} but config.json has no fp8 "
-                "quantization_config: without its block scales it would be served as garbage")
-        scale_name = f"{name}_scale_inv"
-        if scale_name not in self.files:
-            raise CheckpointError(
-                f"{self.model_dir}: tensor {name!r} is {tensor.dtype} but its scales {scale_name!r} are missing "
-                "from the checkpoint: without them it would be served as garbage")
+        scale_name = self._scales_of(name, f"{tensor.dtype}", "fp8", f"{name}_scale_inv")
         scale = self._read(scale_name, rows)         # [..., ceil(out/b0), ceil(in/b1)]
         return dequantize_fp8_blocks(tensor, scale, self.quant.block_size, torch.float32, name)
 
     def _dequantize_mxfp4(self, name: str, rows: slice | None) -> torch.Tensor:
         """`<name>_blocks` [..., G, 16] and `<name>_scales` [..., G] -> bfloat16 [..., G * 32]."""
-        if self.quant is None or self.quant.method != "mxfp4":
+        scale_name = self._scales_of(name, f"stored as MXFP4 blocks ({name}_blocks)", "mxfp4", f"{name}_scales")
+        return dequantize_mxfp4(self._read(f"{name}_blocks", rows), self._read(scale_name, rows), name=name)
+
+    def _scales_of(self, name: str, stored_as: str, method: str, scale_name: str) -> str:
+        """scale_name, once the config declares `method` and the checkpoint holds the scales; a
+        quantized tensor without either would be served as garbage, so it is refused by name."""
+        if self.quant is None or self.quant.method != method:
             raise CheckpointError(
-                f"{self.model_dir}: tensor {name!r} is stored as MXFP4 blocks ({name}_blocks) but config.json "
-                "has no mxfp4 quantization_config")
-        scale_name = f"{name}_scales"
+                f"{self.model_dir}: tensor {name!r} is {stored_as} but config.json has no {method} "
+                "quantization_config: without its scales it would be served as garbage")
         if scale_name not in self.files:
             raise CheckpointError(
-                f"{self.model_dir}: tensor {name!r} is stored as MXFP4 blocks but its scales {scale_name!r} are "
-                "missing from the checkpoint: without them it would be served as garbage")
-        return dequantize_mxfp4(self._read(f"{name}_blocks", rows), self._read(scale_name, rows), name=name)
+                f"{self.model_dir}: tensor {name!r} is {stored_as} but its scales {scale_name!r} are missing "
+                "from the checkpoint: without them it would be served as garbage")
+        return scale_name
 
     def _read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         file = self.files.get(name)

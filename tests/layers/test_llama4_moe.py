@@ -21,13 +21,6 @@ TOKEN_COUNTS = (1, 7, 64, 513)
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def llama4_pair(top_k: int) -> tuple[Llama4TextMoe, MoELayer]:
     cfg = hf.Llama4TextConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=top_k)

@@ -19,14 +19,6 @@ from test_parity import Harness, Models
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second thread buys nothing and makes a busy 2-core machine far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # Llama-4-Scout-17B-16E(-Instruct)'s config.json, abridged (sizes and the fields moeserve reads).
 SCOUT = {

@@ -20,29 +20,19 @@ from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from checkpoints import hf_config, hf_model
-from moeserve.engine.batch import ScheduledBatch, ScheduledSeq
+from test_fp8 import _greedy  # noqa: E402  (one prefill, then greedy decodes through the paged cache)
 from moeserve.errors import CheckpointError
 from moeserve.models import loader
 from moeserve.models.config import CheckpointQuant, MoEModelConfig
 from moeserve.models.loader import load_model
 from moeserve.models.weight_conversion import dequantize_mxfp4
-from moeserve.worker.model_runner import ModelRunner
 
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])     # nibbles 0-7; bit 3 is the sign
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 ATOL = 1e-4
-BLOCK_SIZE, NUM_BLOCKS = 16, 8
 MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                                                     "model.embed_tokens", "lm_head"]}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models: a second thread buys nothing and makes a busy 2-core machine far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,20 +91,6 @@ def mxfp4(tmp_path_factory) -> tuple[Path, Path, dict[str, torch.Tensor]]:
 
 def _load(directory: Path, dtype: torch.dtype = torch.float32, **kwargs) -> torch.nn.Module:
     return load_model(directory, dtype, progress=False, **kwargs)
-
-
-@torch.inference_mode()
-def _greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
-    """One prefill, then greedy decodes through the paged cache -> (tokens, logits [steps + 1, V])."""
-    runner = ModelRunner(model, NUM_BLOCKS, BLOCK_SIZE, torch.float32, torch.device("cpu"))
-    table = list(range(NUM_BLOCKS))[::-1]
-    tokens, chunk, rows = list(prompt), list(prompt), []
-    for _ in range(steps + 1):
-        seq = ScheduledSeq(1, chunk, len(tokens) - len(chunk), table, True, None, [], [])
-        rows.append(runner.forward_logits(ScheduledBatch([seq], len(chunk), BLOCK_SIZE))[0])
-        chunk = [int(rows[-1].argmax())]
-        tokens += chunk
-    return tokens, torch.stack(rows)
 
 
 # --- dequantization ------------------------------------------------------------------------------
