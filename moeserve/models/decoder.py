@@ -18,7 +18,8 @@ from moeserve.layers.linear import Linear
 
 from moeserve.layers.attention import Attention, AttentionMetadata
 from moeserve.layers.mla import MLAttention
-from moeserve.layers.moe import DenseMLP, ExpertOptions, MoELayer, MoEShape
+from moeserve.layers.experts import ExpertOptions
+from moeserve.layers.moe import DenseMLP, MoELayer, MoEShape
 from moeserve.layers.norm import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding
 from moeserve.models.config import MoEModelConfig, routing_config

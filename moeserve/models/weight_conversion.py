@@ -15,7 +15,7 @@ from torch import nn
 
 from moeserve.errors import CheckpointError
 from moeserve.layers.linear import Linear, WeightFormat, choose_format
-from moeserve.layers.moe import Experts
+from moeserve.layers.experts import Experts
 
 QUANTIZATIONS = ("int8",)
 # Linears that stay in full precision under --quantization: routers pick experts from small
