@@ -56,6 +56,9 @@ class Engine:
         self.max_model_len = self._max_model_len()
         self.ep_size = resolve_ep_size(config, self.device, self.model_config.num_experts)
         self.num_kv_blocks = self._num_kv_blocks()     # per rank
+        # The longest sequence a rank's cache holds: the rotary tables need no more positions
+        # (Llama-4-Scout declares 10.5M: 10.7 GB of float32 tables if built for all of them).
+        self.max_positions = min(self.max_model_len, self.num_kv_blocks * config.block_size)
         self.executor = self._build_executor()
         self.model, self.runner = self.executor.model, self.executor.runner
         sched_cfg = SchedulerConfig(
@@ -125,12 +128,12 @@ class Engine:
         cfg = self.config
         if self.ep_size == 1:
             model = load_model(self.model_dir, self.dtype, self.device, quantization=cfg.quantization,
-                               quantize_lm_head=cfg.quantize_lm_head, max_positions=self.max_model_len)
+                               quantize_lm_head=cfg.quantize_lm_head, max_positions=self.max_positions)
             model.set_capacity(cfg.capacity_factor, cfg.min_capacity, cfg.drop_policy)
             sampler = Sampler(self.eos_token_ids, seed=cfg.seed, device=self.device)
             return LocalExecutor(ModelRunner(model, self.num_kv_blocks, cfg.block_size, self.dtype, self.device, sampler))
         specs = rank_specs(cfg, self.ep_size, self.model_dir, self.dtype, self.device, self.model_config.num_experts,
-                           self.num_kv_blocks, self.eos_token_ids, self.max_model_len)
+                           self.num_kv_blocks, self.eos_token_ids, self.max_positions)
         threads = threads_per_rank(cfg, self.ep_size, self.device)
         torch.set_num_threads(threads)
         return EPExecutor(specs, local_ranks=self.ep_size // cfg.nnodes, num_threads=threads)

@@ -1,7 +1,7 @@
 """The rotary tables hold the served context (--max-model-len), and a sequence reaching it still
 generates the same tokens as one with the model's whole length available."""
 
-from tests.engine.engine_helpers import make_llm, random_prompts
+from tests.engine.engine_helpers import kv_bytes_for_blocks, make_llm, random_prompts
 
 from moeserve.request import SamplingParams
 
@@ -17,3 +17,11 @@ def test_rotary_tables_follow_max_model_len(tiny_checkpoints):
     assert len(out.outputs[0].token_ids) == 10 and out.outputs[0].finish_reason.value == "length"
     (full,) = make_llm(model_dir).generate([prompt], params)
     assert out.outputs[0].token_ids == full.outputs[0].token_ids[:10]
+
+
+def test_rotary_tables_follow_the_kv_cache_when_it_holds_less(tiny_checkpoints):
+    """No --max-model-len: the tables stop where the cache does (a sequence can go no further)."""
+    model_dir = tiny_checkpoints["llama4"]
+    llm = make_llm(model_dir, kv_cache_memory=kv_bytes_for_blocks(model_dir, 5))
+    assert llm.engine.max_model_len == llm.engine.model_config.max_position_embeddings
+    assert llm.engine.model.layers[0].attn.rotary.cos.shape[0] == 5 * 16
