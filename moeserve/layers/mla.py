@@ -107,9 +107,12 @@ class MLAttention(nn.Module):
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.w_uk)             # [NH, B, DN] @ [NH, DN, R] -> [NH, B, R]
         query = torch.cat((q_latent.transpose(0, 1), q_pe), dim=-1)         # [B, NH, R + DR]
         rows = cache.index_select(0, meta.decode_slots.reshape(-1)).view(b, 1, lmax, self.latent_dim)
-        # The NH heads share one key/value set: NH queries of a single-head attention.
+        # The NH heads share one key/value set: NH queries of a single-head attention. The values
+        # are the whole rows (the rope part's outputs are dropped after): with one head dim for
+        # queries, keys and values SDPA takes its fused kernel, 0.84 ms instead of 6.3 ms a layer
+        # at batch 16 over 512 tokens (the latent-only values sent it down the math path).
         out = F.scaled_dot_product_attention(
-            query[:, None], rows, rows[..., : self.rank], attn_mask=meta.decode_mask(None), scale=self.scale)
+            query[:, None], rows, rows, attn_mask=meta.decode_mask(None), scale=self.scale)[..., : self.rank]
         out = torch.bmm(out[:, 0].transpose(0, 1), self.w_uv.transpose(1, 2))  # [NH, B, R] @ [NH, R, DV] -> [NH, B, DV]
         return out.transpose(0, 1)
 
@@ -119,8 +122,7 @@ class MLAttention(nn.Module):
         keys, values = self._expand(cache.index_select(0, meta.decode_slots.reshape(-1)))  # [B*L, NH, *]
         keys = keys.view(b, lmax, self.num_heads, -1).transpose(1, 2)       # [B, NH, L, DN + DR]
         values = values.view(b, lmax, self.num_heads, -1).transpose(1, 2)   # [B, NH, L, DV]
-        out = F.scaled_dot_product_attention(
-            q[:, :, None], keys, values, attn_mask=meta.decode_mask(None), scale=self.scale)
+        out = _attention(q[:, :, None], keys, values, attn_mask=meta.decode_mask(None), scale=self.scale)
         return out[:, :, 0]
 
     def _prefill(self, q: torch.Tensor, latent: torch.Tensor, cache: torch.Tensor,
@@ -130,9 +132,8 @@ class MLAttention(nn.Module):
         keys, values = self._expand(context)                                # [L, NH, DN + DR], [L, NH, DV]
         n = chunk.q_end - chunk.q_start
         mask = prefill_mask(chunk.start_pos, n, None, q.device)
-        out = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-            attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        out = _attention(q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                         attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return out[0].transpose(0, 1)                                       # [n, NH, DV]
 
     def _expand(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,3 +143,16 @@ class MLAttention(nn.Module):
         values = linear(latent, self.w_uv.view(-1, self.rank)).view(n, self.num_heads, self.v_dim)
         k_pe = rows[:, None, self.rank:].expand(n, self.num_heads, self.rope_dim)
         return torch.cat((k_nope, k_pe), dim=-1), values
+
+
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, **kwargs) -> torch.Tensor:
+    """SDPA with values narrower than queries and keys (DV < DN + DR): values zero-padded to the
+    key width, the output cut back. On CPU, SDPA's fused (flash) kernel wants one head dim for all
+    three; otherwise it takes the math path, which materialises every [NH, n, L] score: a
+    512-token chunk over 2,048 keys (16 heads) took 126 ms that way, 16.5 ms padded.
+    q [.., n, DQK], keys [.., L, DQK], values [.., L, DV] -> [.., n, DV]."""
+    dv = values.shape[-1]
+    if dv == q.shape[-1]:
+        return F.scaled_dot_product_attention(q, keys, values, **kwargs)
+    padded = F.pad(values, (0, q.shape[-1] - dv))
+    return F.scaled_dot_product_attention(q, keys, padded, **kwargs)[..., :dv]
