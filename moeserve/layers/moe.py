@@ -45,6 +45,7 @@ class MoEShape:
     router_bias: bool = False      # gpt-oss: the router Linear has a bias
     experts: ExpertOptions = ExpertOptions()   # gpt-oss: expert biases, clamped SwiGLU
     weight_input: bool = False     # Llama 4: the router weight scales the expert input (see Experts)
+    router_fp32: bool = False      # DeepSeek, GLM-4.5: logits from float32 activations and weight
 
 
 class MoELayer(nn.Module):
@@ -52,6 +53,10 @@ class MoELayer(nn.Module):
         super().__init__()
         self.routing_cfg = shape.routing   # replaced by set_capacity() for the serving knobs
         self.router = Linear(shape.hidden, shape.routing.num_experts, bias=shape.router_bias)
+        # As the reference implementations compute them: near-tied experts flip under bf16 logits
+        # (6% of tokens chose a different set at DeepSeek-V3's shape, 256 experts top-8).
+        self.router_fp32 = shape.router_fp32
+        self.router.keep_float32 = shape.router_fp32    # read by models/weight_conversion.py
         # float32 (see models/weight_conversion.py): added to scores in [0, 1] before the top-k.
         self.score_bias = nn.Parameter(torch.zeros(shape.routing.num_experts)) if shape.correction_bias else None
         self.experts = Experts(shape.routing.num_experts, shape.hidden, shape.intermediate,
@@ -62,7 +67,8 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         # x [T, H] -> (out [T, H], routing: counts [E] and dropped [E] ride along)
-        routing = route(self.router(x), self.routing_cfg, score_bias=self.score_bias, with_aux_loss=False)
+        logits = self.router(x.float() if self.router_fp32 else x)                # [T, E]
+        routing = route(logits, self.routing_cfg, score_bias=self.score_bias, with_aux_loss=False)
         ep = self.ep
         if ep is None:
             out = self.experts(x, routing)

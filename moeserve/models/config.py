@@ -96,6 +96,7 @@ class RouterSpec:
     group_score: Literal["max", "top2_sum"] = "max"
     correction_bias: bool = False       # DeepSeek-V3: e_score_correction_bias steers the choice
     select_on_logits: bool = False      # Llama 4: top-k over the raw logits (sigmoid saturates: ties)
+    float32_logits: bool = False        # DeepSeek, GLM-4.5: router weight and logits in float32
 
 
 @dataclass(frozen=True)

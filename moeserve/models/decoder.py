@@ -68,7 +68,8 @@ class MoEDecoder(nn.Module):
             hidden=cfg.hidden_size, intermediate=cfg.moe_intermediate_size, routing=routing,
             shared_intermediate=cfg.shared_expert_intermediate_size, shared_gated=cfg.shared_expert_gated,
             first_expert=first_expert, num_local=num_local_experts, correction_bias=cfg.router.correction_bias,
-            router_bias=cfg.router_bias, experts=_expert_options(cfg), weight_input=cfg.moe_weight_input)
+            router_bias=cfg.router_bias, experts=_expert_options(cfg), weight_input=cfg.moe_weight_input,
+            router_fp32=cfg.router.float32_logits)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, rotary, moe_shape if cfg.moe_layers[i] else None) for i in range(cfg.num_layers))

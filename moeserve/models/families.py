@@ -178,9 +178,11 @@ def deepseek_router(raw: dict, arch: Architecture) -> RouterSpec:
         grouped = raw.get("topk_method", "greedy") == "group_limited_greedy"
         return RouterSpec(scoring="softmax", routed_scaling_factor=scale,
                           n_group=raw.get("n_group") or 1 if grouped else 1,
-                          topk_group=raw.get("topk_group") or 1 if grouped else 1, group_score="max")
+                          topk_group=raw.get("topk_group") or 1 if grouped else 1, group_score="max",
+                          float32_logits=True)
     return RouterSpec(scoring="sigmoid", routed_scaling_factor=scale, n_group=raw.get("n_group") or 1,
-                      topk_group=raw.get("topk_group") or 1, group_score="top2_sum", correction_bias=True)
+                      topk_group=raw.get("topk_group") or 1, group_score="top2_sum", correction_bias=True,
+                      float32_logits=True)
 
 
 def _partial_rope_dim(raw: dict, head_dim: int) -> int | None:
@@ -210,7 +212,7 @@ def _glm4_moe(raw: dict, arch: Architecture) -> MoEModelConfig:
         rope_dim=_partial_rope_dim(raw, common["head_dim"]),
         router=RouterSpec(scoring="sigmoid", routed_scaling_factor=float(raw.get("routed_scaling_factor") or 1.0),
                           n_group=raw.get("n_group") or 1, topk_group=raw.get("topk_group") or 1,
-                          group_score="top2_sum", correction_bias=True))
+                          group_score="top2_sum", correction_bias=True, float32_logits=True))
 
 
 def _minimax_m2(raw: dict, arch: Architecture) -> MoEModelConfig:

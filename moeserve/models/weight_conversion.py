@@ -39,7 +39,7 @@ class WeightConversion:
         fmt = self.formats.get(name)
         if fmt is None:
             dtype = self.dtype if tensor.is_floating_point() else None
-            if attr in _FLOAT32_PARAMS:
+            if attr in _FLOAT32_PARAMS or getattr(module, "keep_float32", False):
                 dtype = torch.float32
             value = tensor.to(device=self.device, dtype=dtype)
             module._parameters[attr] = nn.Parameter(value, requires_grad=False)
@@ -60,6 +60,8 @@ def plan_conversion(model: nn.Module, dtype: torch.dtype, device: torch.device,
             for attr in ("w13", "w2"):
                 formats[f"{module_name}.{attr}"] = quant_fmt
         elif isinstance(module, Linear):
+            if getattr(module, "keep_float32", False):
+                continue                           # a plain float32 weight (see place)
             leaf = module_name.rpartition(".")[2]
             if leaf in _FULL_PRECISION or module.out_features < 16:
                 fmt = float_fmt

@@ -32,3 +32,18 @@ def test_bf16_close_to_float32(make_checkpoint, arch: str) -> None:
                                  num_prompts=8, prompt_len=16, gen_len=8)
     print(f"{arch} bf16 vs float32: mean KL {got['mean_kl']:.3g} top-1 {got['top1']:.1f}%")
     assert got["mean_kl"] < MAX_MEAN_KL and got["top1"] >= MIN_TOP1
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3", "glm4_moe"])
+def test_float32_router_in_bf16(make_checkpoint, arch: str) -> None:
+    """DeepSeek and GLM-4.5 compute router logits from float32 activations and weights, as their
+    reference implementations do (bf16 logits flip near-tied experts); the rest stays bf16."""
+    from moeserve.models.loader import load_model
+    model = load_model(make_checkpoint(arch, arch), torch.bfloat16, progress=False)
+    moe = model.layers[1].moe
+    assert moe.router.weight.dtype == torch.float32 and moe.router.packed is None
+    x = torch.randn(5, model.cfg.hidden_size, dtype=torch.bfloat16)
+    assert moe.router(x.float()).dtype == torch.float32
+    assert model.layers[1].mlp_norm.weight.dtype == torch.bfloat16
+    mixtral = load_model(make_checkpoint("mixtral", "mixtral"), torch.bfloat16, progress=False)
+    assert mixtral.layers[0].moe.router.weight is None or mixtral.layers[0].moe.router.weight.dtype == torch.bfloat16
