@@ -82,7 +82,7 @@ def causal_mask(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril_()
 
 
-_SINK_QUERY_BLOCK = 128   # query rows a sink_attention score block holds (bounds its memory)
+_SINK_SCORE_BUDGET = 1 << 24   # float32 scores one sink_attention block may hold (64 MiB)
 
 
 def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
@@ -91,19 +91,25 @@ def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ma
 
     q [B, NH, n, D]; keys, values [B, NKV, L, D]; mask bool broadcastable to [B, NH, n, L]
     (True = attend); sinks [NH] -> [B, NH, n, D]. Explicit matmul-softmax, as transformers'
-    eager gpt-oss attention, over blocks of at most 128 query rows: a 2,048-token prefill chunk of
-    gpt-oss-120b (64 heads) would otherwise hold 1 GiB of float32 scores per layer.
+    eager gpt-oss attention, in blocks of sequences and query rows whose [b, NH, rows, L] scores
+    fit 2^24 floats: gpt-oss-120b (64 heads) over a 2,048-token chunk would otherwise hold 1 GiB
+    of scores per layer, and 16 decodes at 128k context 512 MiB.
     """
-    n = q.shape[2]
-    if n <= _SINK_QUERY_BLOCK:
+    b, nh, n, _ = q.shape
+    length = keys.shape[2]
+    rows = max(1, min(n, _SINK_SCORE_BUDGET // (nh * length)))       # query rows per block
+    seqs = max(1, min(b, _SINK_SCORE_BUDGET // (nh * length * rows)))  # sequences per block
+    if rows == n and seqs == b:
         return _sink_attention_block(q, keys, values, mask, sinks, scale)
-    per_row = mask.dim() >= 2 and mask.shape[-2] == n          # else it broadcasts over the queries
-    blocks = []
-    for start in range(0, n, _SINK_QUERY_BLOCK):
-        rows = slice(start, start + _SINK_QUERY_BLOCK)
-        block_mask = mask[..., rows, :] if per_row else mask
-        blocks.append(_sink_attention_block(q[:, :, rows], keys, values, block_mask, sinks, scale))
-    return torch.cat(blocks, dim=2)
+    full_mask = mask.expand(b, nh, n, length)                          # a view: slices per block
+    out = torch.empty_like(q)
+    for s0 in range(0, b, seqs):
+        bs = slice(s0, s0 + seqs)
+        for r0 in range(0, n, rows):
+            rs = slice(r0, r0 + rows)
+            out[bs, :, rs] = _sink_attention_block(q[bs, :, rs], keys[bs], values[bs], full_mask[bs, :, rs],
+                                                   sinks, scale)
+    return out
 
 
 def _sink_attention_block(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,

@@ -169,7 +169,7 @@ class _Holder(torch.nn.Module):
 
 
 @pytest.mark.parametrize("n, length, window", [(1, 1, None), (5, 5, None), (6, 20, None), (9, 30, 8),
-                                               (300, 300, None), (290, 310, 40)])   # > one 128-row block
+                                               (300, 300, None), (290, 310, 40)])
 def test_sink_attention_matches_hf_eager(n: int, length: int, window: int | None) -> None:
     gen = torch.Generator().manual_seed(n)
     nh, nkv, d = 4, 2, 16
@@ -188,3 +188,21 @@ def test_sink_attention_matches_hf_eager(n: int, length: int, window: int | None
         assert torch.equal(causal_mask(n, q.device), mask)
     plain = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d ** -0.5, enable_gqa=True)
     assert (plain - got).abs().max() > 1e-3      # the sink takes its share of every row
+
+
+@pytest.mark.parametrize("b, n, length", [(1, 300, 310), (6, 1, 50), (3, 40, 60)])
+def test_sink_attention_in_blocks_equals_one_block(monkeypatch, b: int, n: int, length: int) -> None:
+    """A score budget smaller than one [b, NH, n, L] block splits the queries into row blocks
+    (prefill) and the batch into sequence blocks (decode); the result does not change."""
+    from moeserve.layers import attention
+    gen = torch.Generator().manual_seed(b * n)
+    nh, nkv, d = 4, 2, 16
+    q, sinks = torch.randn(b, nh, n, d, generator=gen), torch.randn(nh, generator=gen)
+    k, v = torch.randn(b, nkv, length, d, generator=gen), torch.randn(b, nkv, length, d, generator=gen)
+    lens = torch.randint(n, length + 1, (b,), generator=gen)[:, None, None, None]      # per-sequence context
+    q_pos = lens - n + torch.arange(n)[:, None]                                         # [b, 1, n, 1]
+    mask = torch.arange(length)[None, :] <= q_pos                                       # [b, 1, n, L]
+    whole = sink_attention(q, k, v, mask, sinks, d ** -0.5)
+    monkeypatch.setattr(attention, "_SINK_SCORE_BUDGET", nh * length * 2)   # 2 rows a block, or 2 decodes
+    blocked = sink_attention(q, k, v, mask, sinks, d ** -0.5)
+    torch.testing.assert_close(blocked, whole, atol=1e-6, rtol=0)
