@@ -185,10 +185,10 @@ def deepseek_router(raw: dict, arch: Architecture) -> RouterSpec:
                       float32_logits=True)
 
 
-def _partial_rope_dim(raw: dict, head_dim: int) -> int | None:
+def _partial_rope_dim(raw: dict, head_dim: int, default_factor: float | None = None) -> int | None:
     """Rotary dims of a head when only part of it rotates (GLM-4.5, MiniMax-M2), else None."""
     params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
-    factor = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    factor = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", default_factor))
     dim = raw.get("rotary_dim") or (int(head_dim * factor) if factor else None)
     if dim is not None and not (0 < dim <= head_dim and dim % 2 == 0):
         raise CheckpointError(f"rotary dims {dim} must be even and in (0, head_dim {head_dim}]")
@@ -200,7 +200,7 @@ def _glm4_moe(raw: dict, arch: Architecture) -> MoEModelConfig:
     DeepSeek-V3's MoE (sigmoid routing with correction bias and groups, shared experts, dense
     first layers, routed_scaling_factor)."""
     common = _common(raw, arch)
-    first_dense = raw.get("first_k_dense_replace") or 0
+    first_dense = raw.get("first_k_dense_replace", 1) or 0     # transformers' Glm4MoeConfig defaults
     moe_inter = raw["moe_intermediate_size"]
     return MoEModelConfig(
         **common, intermediate_size=raw["intermediate_size"], moe_intermediate_size=moe_inter,
@@ -209,7 +209,7 @@ def _glm4_moe(raw: dict, arch: Architecture) -> MoEModelConfig:
         moe_layers=tuple(i >= first_dense for i in range(common["num_layers"])),
         shared_expert_intermediate_size=moe_inter * (raw.get("n_shared_experts") or 0),
         qk_norm="per_head" if raw.get("use_qk_norm") else "none", qkv_bias=bool(raw.get("attention_bias")),
-        rope_dim=_partial_rope_dim(raw, common["head_dim"]),
+        rope_dim=_partial_rope_dim(raw, common["head_dim"], default_factor=0.5),
         router=RouterSpec(scoring="sigmoid", routed_scaling_factor=float(raw.get("routed_scaling_factor") or 1.0),
                           n_group=raw.get("n_group") or 1, topk_group=raw.get("topk_group") or 1,
                           group_score="top2_sum", correction_bias=True, float32_logits=True))
@@ -233,6 +233,9 @@ def _gpt_oss(raw: dict, arch: Architecture) -> MoEModelConfig:
     """gpt-oss-20b / 120b: alternating sliding / full attention layers (layer_types) with attention
     sinks and q/k/v/o biases, YaRN; a biased router whose softmax runs over the chosen k only;
     experts with biases and the clamped SwiGLU."""
+    if not raw.get("layer_types"):   # transformers' GptOssConfig default: sliding, full, sliding, ...
+        raw = {**raw, "sliding_window": raw.get("sliding_window", 128), "layer_types": [
+            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(raw["num_hidden_layers"])]}
     common = _common(raw, arch)
     bias = bool(raw.get("attention_bias", True))
     return MoEModelConfig(

@@ -211,3 +211,15 @@ def test_odd_rotary_dim_is_refused() -> None:
     raw["rotary_dim"] = 7
     with pytest.raises(CheckpointError, match="rotary dims 7"):
         MoEModelConfig.from_hf(raw)
+
+
+def test_fields_left_out_take_transformers_defaults() -> None:
+    """Older or hand-written config.json files omit fields whose transformers defaults matter."""
+    glm = raw_config("glm4_moe")
+    glm["rope_parameters"].pop("partial_rotary_factor")
+    del glm["first_k_dense_replace"]
+    cfg = MoEModelConfig.from_hf(glm)
+    assert cfg.rotary_dim == glm["head_dim"] // 2 and cfg.moe_layers[0] is False
+    oss = raw_config("gpt_oss")
+    del oss["layer_types"], oss["sliding_window"]
+    assert MoEModelConfig.from_hf(oss).sliding_windows == (128, None, 128)
