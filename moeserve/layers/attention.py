@@ -156,7 +156,7 @@ class Attention(nn.Module):
         self.clip_qkv = cfg.clip_qkv
         self.window = cfg.sliding_windows[layer_idx]
         self.rotary = rotary
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.softmax_scale
         self.sinks = nn.Parameter(torch.empty(cfg.num_heads)) if cfg.attention_sinks else None   # [NH]
         # Llama 4: chunked attention on rope layers; NoPE layers skip rotary, attend to the whole
         # context and scale their queries by position (attn_temperature).

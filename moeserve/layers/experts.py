@@ -102,28 +102,16 @@ class Experts(nn.Module):
         """A single token (a one-stream decode): its K experts in turn, with none of the sorting
         and scattering a batch needs (half the small ops of a decode step's MoE layers). The
         same products, summed in float32 in the same route order as forward()."""
-        if not self.plain_swiglu:
-            return self._one_token_general(x, routing)
-        if self.weight_input:
-            return self._one_token_weighted_input(x, routing)
+        scales = routing.weights[0].to(x.dtype) if self.weight_input else None   # [K], as forward() rounds them
         total = None
-        for e, weight in zip(routing.expert_ids[0].tolist(), routing.weights[0].tolist()):
-            gate, up = self._matmul("w13", e, x).chunk(2, dim=-1)                 # [1, I] x2
-            y = self._matmul("w2", e, F.silu(gate).mul_(up)).float().mul_(weight)  # [1, H]
-            total = y if total is None else total.add_(y)
-        return total.to(x.dtype)
-
-    def _one_token_general(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """_one_token with expert biases and / or the clamped SwiGLU."""
-        total = None
-        for e, weight in zip(routing.expert_ids[0].tolist(), routing.weights[0].tolist()):
-            gate_up = self._matmul("w13", e, x)                                   # [1, 2I]
+        for i, (e, weight) in enumerate(zip(routing.expert_ids[0].tolist(), routing.weights[0].tolist())):
+            gate_up = self._matmul("w13", e, x if scales is None else x * scales[i])   # [1, 2I]
             if self.b13 is not None:
                 gate_up = gate_up + self.b13[e]
             y = self._matmul("w2", e, self._activation(gate_up))                  # [1, H]
             if self.b2 is not None:
                 y = y + self.b2[e]
-            y = y.float().mul_(weight)
+            y = y.float() if scales is not None else y.float().mul_(weight)
             total = y if total is None else total.add_(y)
         return total.to(x.dtype)
 
@@ -145,17 +133,6 @@ class Experts(nn.Module):
         ids = torch.arange(sizes.shape[0], device=out.device)
         row_expert = torch.repeat_interleave(ids, sizes, output_size=out.shape[0])   # [n], no host sync
         return out + bias.index_select(0, row_expert.clamp_(max=self.num_local - 1))
-
-    def _one_token_weighted_input(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """_one_token for weight_input (Llama 4): expert e runs on w_e * x (w_e rounded to x's
-        dtype first, as the batched path and transformers do)."""
-        weights = routing.weights[0].to(x.dtype)                                  # [K]
-        total = None
-        for i, e in enumerate(routing.expert_ids[0].tolist()):
-            gate, up = self._matmul("w13", e, x * weights[i]).chunk(2, dim=-1)    # [1, I] x2
-            y = self._matmul("w2", e, F.silu(gate).mul_(up)).float()              # [1, H]
-            total = y if total is None else total.add_(y)
-        return total.to(x.dtype)
 
     def _local_ids(self, routing: Routing) -> torch.Tensor:
         """[R] this rank's expert index of each route; E_local for routes owned by other ranks or

@@ -100,17 +100,12 @@ class MoELayer(nn.Module):
         counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts]     # [E]
         sent = order if not routing.capacity_limited else order[: int(counts.sum())]   # [S]
         token_of_route = sent // k
-        if self.experts.weight_input:   # the weight goes where the sent rows are built
-            return self._alltoall_weighted_input(x, routing, ep, sent, token_of_route, counts)
-        y = ep.exchange(x[token_of_route], counts, self.experts.run_rows)         # [S, H]
-        weights = routing.weights.flatten()[sent, None].to(y.dtype)               # [S, 1]
-        return torch.zeros_like(x).index_add_(0, token_of_route, y * weights)
-
-    def _alltoall_weighted_input(self, x: torch.Tensor, routing: Routing, ep: ExpertParallel, sent: torch.Tensor,
-                                 token_of_route: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Llama 4 over all-to-all: each sent row is already w * x, the results are summed unweighted."""
+        rows = x[token_of_route]                                                  # [S, H]
         weights = routing.weights.flatten()[sent, None].to(x.dtype)               # [S, 1]
-        y = ep.exchange(x[token_of_route] * weights, counts, self.experts.run_rows)  # [S, H]
+        if self.experts.weight_input:   # Llama 4: the weight scales the sent rows, results sum as they are
+            y = ep.exchange(rows * weights, counts, self.experts.run_rows)        # [S, H]
+        else:
+            y = ep.exchange(rows, counts, self.experts.run_rows) * weights
         return torch.zeros_like(x).index_add_(0, token_of_route, y)
 
     def serve_peers(self, hidden: int, dtype: torch.dtype, device: torch.device) -> None:

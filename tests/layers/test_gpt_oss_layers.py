@@ -117,7 +117,7 @@ def test_expert_subsets_and_run_rows_match_full(cut: int) -> None:
         local = ids[rows] - cut
         out = high.run_rows(x[rows // K], local, torch.bincount(local, minlength=E - cut).tolist())
         for row, got in zip(rows.tolist(), out):
-            want = full._one_token_general(x[row // K][None], _single_route(int(ids[row])))
+            want = full._one_token(x[row // K][None], _single_route(int(ids[row])))
             torch.testing.assert_close(got[None], want, atol=ATOL, rtol=0)
 
 
