@@ -224,9 +224,7 @@ def _read_experts(reader: CheckpointReader, names: WeightNames, prefix: str, gat
     base = prefix + e_names.prefix
     fused = f"{base}.{e_names.fused_gate_up if gate_up else e_names.fused_down}"
     if f"{base}.{experts.start}.{e_names.gate}" not in reader and fused in reader:
-        if e_names.fused_transposed or e_names.gate_up_interleaved:
-            return _read_gpt_oss_experts(reader, e_names, fused, slice(experts.start, experts.stop), gate_up)
-        return reader.get(fused, rows=slice(experts.start, experts.stop))    # [E_local, ...]
+        return _read_fused_experts(reader, e_names, fused, slice(experts.start, experts.stop), gate_up)
     stacked, labels = [], []
     for e in experts:
         if gate_up:
@@ -238,9 +236,11 @@ def _read_experts(reader: CheckpointReader, names: WeightNames, prefix: str, gat
     return _join(reader, stacked, labels, stack=True)
 
 
-def _read_gpt_oss_experts(reader: CheckpointReader, e_names: ExpertNames, fused: str, rows: slice,
-                          gate_up: bool) -> torch.Tensor:
-    """gpt-oss's fused experts -> [E_local, 2I, H] (gate rows, then up) or [E_local, H, I]."""
+def _read_fused_experts(reader: CheckpointReader, e_names: ExpertNames, fused: str, rows: slice,
+                        gate_up: bool) -> torch.Tensor:
+    """A fused 3-D expert tensor, this rank's rows only -> [E_local, 2I, H] (gate rows, then up) or
+    [E_local, H, I]: transposed when stored for x @ W (gpt-oss, Llama 4), gate/up de-interleaved
+    (gpt-oss)."""
     tensor = reader.get(fused, rows=rows)
     if e_names.fused_transposed and not reader.is_mxfp4(fused):
         tensor = tensor.transpose(1, 2)          # [E, in, out] -> [E, out, in]; MXFP4 is stored [E, out, in]
