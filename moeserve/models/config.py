@@ -75,7 +75,6 @@ class MLAConfig:
     qk_rope_head_dim: int
     v_head_dim: int
     q_lora_rank: int | None = None      # None: queries from one full projection
-    rope_interleave: bool = True        # rope over interleaved pairs (x0, x1), (x2, x3), ...
 
     @property
     def qk_head_dim(self) -> int:
@@ -149,7 +148,7 @@ class MoEModelConfig:
     # Llama 4 (empty / default = every other architecture):
     attention_chunks: tuple[int | None, ...] = ()   # per layer: attend only within chunks of positions
     rope_layers: tuple[bool, ...] = ()  # per layer: rotary applied (False = NoPE); empty = every layer
-    rope_interleaved: bool = False      # rope over pairs (2i, 2i + 1) (complex rope), GQA layers too
+    rope_interleaved: bool = False      # rope over pairs (2i, 2i + 1) (complex rope: DeepSeek, Llama 4)
     attn_temperature: tuple[float, float] | None = None   # NoPE layers' query scale (floor_scale, attn_scale)
     moe_weight_input: bool = False      # the router weight scales each expert's input, not its output
     multimodal: bool = False            # the text model of a vision-language checkpoint

@@ -1,4 +1,5 @@
-"""The decoder shared by Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2/V3 and gpt-oss.
+"""The decoder shared by every supported architecture (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V2/V3,
+GLM-4.5, MiniMax-M2, gpt-oss, Llama 4).
 
 These differ only in what MoEModelConfig already says (GQA or latent attention, q/k norm, shared
 expert, biases, router policy, dense layers, sliding windows), so one readable model serves them
@@ -62,7 +63,7 @@ class MoEDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         rotary = RotaryEmbedding(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings, table_len=max_positions,
-                                 interleaved=cfg.rope_interleaved or bool(cfg.mla and cfg.mla.rope_interleave))
+                                 interleaved=cfg.rope_interleaved)
         routing = routing_config(cfg.router, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob)
         moe_shape = MoEShape(
             hidden=cfg.hidden_size, intermediate=cfg.moe_intermediate_size, routing=routing,

@@ -149,8 +149,7 @@ def _deepseek(raw: dict, arch: Architecture) -> MoEModelConfig:
     common = _common(raw, arch)
     mla = MLAConfig(
         kv_lora_rank=raw["kv_lora_rank"], qk_nope_head_dim=raw["qk_nope_head_dim"],
-        qk_rope_head_dim=raw["qk_rope_head_dim"], v_head_dim=raw["v_head_dim"], q_lora_rank=raw.get("q_lora_rank"),
-        rope_interleave=bool(raw.get("rope_interleave", True)) if arch == "deepseek_v3" else True)
+        qk_rope_head_dim=raw["qk_rope_head_dim"], v_head_dim=raw["v_head_dim"], q_lora_rank=raw.get("q_lora_rank"))
     common.update(num_kv_heads=common["num_heads"], head_dim=mla.qk_head_dim)   # MLA has no KV heads
     first_dense, freq = raw.get("first_k_dense_replace") or 0, raw.get("moe_layer_freq") or 1
     moe_layers = tuple(i >= first_dense and i % freq == 0 for i in range(common["num_layers"]))
@@ -160,7 +159,8 @@ def _deepseek(raw: dict, arch: Architecture) -> MoEModelConfig:
         num_experts=raw["n_routed_experts"], top_k=raw["num_experts_per_tok"],
         norm_topk_prob=bool(raw.get("norm_topk_prob", True)) if arch == "deepseek_v3" else False,
         moe_layers=moe_layers, shared_expert_intermediate_size=moe_inter * (raw.get("n_shared_experts") or 0),
-        mla=mla, router=deepseek_router(raw, arch))
+        mla=mla, router=deepseek_router(raw, arch),
+        rope_interleaved=bool(raw.get("rope_interleave", True)) if arch == "deepseek_v3" else True)
 
 
 def deepseek_router(raw: dict, arch: Architecture) -> RouterSpec:

@@ -149,7 +149,7 @@ def test_deepseek_v3_rope_interleave_flag_and_v3_kv_heads_ignored() -> None:
     raw = raw_config("deepseek_v3", rope_interleave=False)
     raw["num_key_value_heads"] = 128          # DeepseekV3Config's default: meaningless under MLA
     cfg = MoEModelConfig.from_hf(raw)
-    assert not cfg.mla.rope_interleave and cfg.num_kv_heads == cfg.num_heads
+    assert not cfg.rope_interleaved and cfg.num_kv_heads == cfg.num_heads
 
 
 @pytest.mark.parametrize("field", ["attention_bias", "mlp_bias"])
