@@ -67,10 +67,39 @@ def scenario(llm: LLM, name: str, steps: int) -> tuple[object, float]:
         for i in range(steps):
             fill(llm, 1, 128, 1, f"mixed-prefill-{i}")
         prof, wall = profile_steps(llm, steps)
+    elif name.startswith("cached"):  # N chat turns arriving together: a cached 1,130-token history + 92 new tokens each
+        prof, wall = cached_turns(llm, int(name[len("cached"):]), steps)
     else:
         raise SystemExit(f"unknown scenario {name!r}")
     drain(llm)
     return prof, wall
+
+
+def cached_turns(llm: LLM, n: int, steps: int, seed: int = 0) -> tuple[object, float]:
+    """Each profiled step prefills n later chat turns at once: every prompt is a shared 1,000-token
+    system prompt + a 130-token history of its own (both in the prefix cache) + 92 new tokens."""
+    g = torch.Generator().manual_seed(1000 * seed + n)
+    tokens = lambda k: torch.randint(10, 2000, (k,), generator=g).tolist()   # noqa: E731
+    system = tokens(1000)
+    histories = [system + tokens(130) for _ in range(n)]
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+    def turn(tag: str, extra: int) -> None:
+        for i, history in enumerate(histories):
+            llm.engine.add_request(f"{tag}-{i}", history + tokens(extra), params)
+    turn("history", 0)
+    drain(llm)
+    for r in range(2):                # warm-up: the step's shapes
+        turn(f"warm-{r}", 92)
+        drain(llm)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        total = 0.0
+        for r in range(steps):
+            turn(f"turn-{r}", 92)
+            start = time.perf_counter()
+            drain(llm)
+            total += time.perf_counter() - start
+    return prof, total / steps
 
 
 def report(name: str, prof, wall: float, steps: int, rows: int) -> None:

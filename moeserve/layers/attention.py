@@ -25,12 +25,30 @@ from moeserve.layers.rotary import RotaryEmbedding
 from moeserve.models.config import MoEModelConfig
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool mask (True = attend) -> 0 / -inf in `dtype`. SDPA converts a bool mask this way on
+    every call: a cached prefill chunk's [n, L] mask took longer than its attention that way (a
+    102-token chunk over 1,222 keys, bf16: 2.3 ms per SDPA call, 1.1 ms with the mask converted
+    once a step)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 @dataclass
 class PrefillChunk:
     q_start: int                 # first row of this chunk in the flat batch
     q_end: int
     start_pos: int               # position of the chunk's first token (tokens already cached)
     context_slots: torch.Tensor  # [start_pos + n] int64 cache slots of the whole context
+    _masks: dict = field(default_factory=dict)   # built once a step, shared by the layers
+
+    def mask(self, window: int | None, device: torch.device, chunk: int | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """prefill_mask of this chunk (None: plain causal), additive in `dtype` when given."""
+        key = (window, chunk, dtype)
+        if key not in self._masks:
+            mask = prefill_mask(self.start_pos, self.q_end - self.q_start, window, device, chunk)
+            self._masks[key] = mask if mask is None or dtype is None else additive_mask(mask, dtype)
+        return self._masks[key]
 
 
 @dataclass
@@ -41,12 +59,16 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None = None    # [B, Lmax] int64 (padding points at slot 0)
     decode_lens: torch.Tensor | None = None     # [B] int64 context length including the new token
     prefills: list[PrefillChunk] = field(default_factory=list)
-    _decode_masks: dict = field(default_factory=dict)  # window -> [B, 1, 1, Lmax] bool, built once a step
+    _decode_masks: dict = field(default_factory=dict)  # (window, chunk, dtype) -> [B, 1, 1, Lmax], once a step
     rope_cache: dict = field(default_factory=dict)      # rotary cos/sin of `positions`, gathered once a step
 
-    def decode_mask(self, window: int | None, chunk: int | None = None) -> torch.Tensor:
-        key = window if chunk is None else (window, chunk)
+    def decode_mask(self, window: int | None, chunk: int | None = None,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[B, 1, 1, Lmax]: bool (True = attend), or additive in `dtype` when given."""
+        key = (window, chunk, dtype)
         mask = self._decode_masks.get(key)
+        if mask is None and dtype is not None:
+            mask = self._decode_masks[key] = additive_mask(self.decode_mask(window, chunk), dtype)
         if mask is None:
             assert self.decode_slots is not None and self.decode_lens is not None
             cols = torch.arange(self.decode_slots.shape[1], device=self.decode_slots.device)  # [Lmax]
@@ -230,7 +252,7 @@ class Attention(nn.Module):
         g = self.num_heads // self.num_kv_heads
         out = F.scaled_dot_product_attention(
             q.view(b, self.num_kv_heads, g, self.head_dim), keys, values,
-            attn_mask=meta.decode_mask(self.window, self.chunk), scale=self.scale)      # [B, NKV, G, D]
+            attn_mask=meta.decode_mask(self.window, self.chunk, q.dtype), scale=self.scale)   # [B, NKV, G, D]
         return out.reshape(b, self.num_heads, self.head_dim)                            # [B, NH, D]
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor,
@@ -241,13 +263,14 @@ class Attention(nn.Module):
         else:
             keys = k_flat.index_select(0, chunk.context_slots)      # [L, NKV, D]
             values = v_flat.index_select(0, chunk.context_slots)
-        n = chunk.q_end - chunk.q_start
-        mask = prefill_mask(chunk.start_pos, n, self.window, q.device, self.chunk)
         if self.sinks is not None:
+            n = chunk.q_end - chunk.q_start
+            mask = chunk.mask(self.window, q.device, self.chunk)
             mask = causal_mask(n, q.device) if mask is None else mask
             out = sink_attention(q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None],
                                  values.transpose(0, 1)[None], mask, self.sinks, self.scale)
             return out[0].transpose(0, 1)                            # [n, NH, D]
+        mask = chunk.mask(self.window, q.device, self.chunk, q.dtype)
         out = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
             attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True)
