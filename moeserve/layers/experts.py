@@ -34,6 +34,9 @@ class ExpertOptions:
     limit: float = 7.0
 
 
+_INT8_FLOAT32_MAX_ROUTES = 256   # int8 experts run in float32 up to this many routes in a step
+
+
 class Experts(nn.Module):
     """E stacked SwiGLU experts: w13 [E, 2I, H] (gate rows then up rows) and w2 [E, H, I].
 
@@ -61,10 +64,12 @@ class Experts(nn.Module):
         self.intermediate = intermediate
         # After pack(): one packed weight per local expert, and w13 / w2 are None.
         self.packed: dict[str, list[PackedWeight]] = {}
+        self.int8 = False     # packed as int8: small batches then run in float32 (see _per_expert)
 
     def pack(self, name: str, stacked: torch.Tensor, fmt: WeightFormat) -> None:
         """Keeps w13 or w2 ([E_local, out, in]) only as one packed weight per expert."""
         self.packed[name] = [pack_weight(w, fmt) for w in stacked]
+        self.int8 = fmt.is_int8
         setattr(self, name, None)
 
     def _matmul(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -103,9 +108,11 @@ class Experts(nn.Module):
         and scattering a batch needs (half the small ops of a decode step's MoE layers). The
         same products, summed in float32 in the same route order as forward()."""
         scales = routing.weights[0].to(x.dtype) if self.weight_input else None   # [K], as forward() rounds them
+        compute = torch.float32 if self.int8 else x.dtype     # as _per_expert at decode sizes
+        x_in = x.to(compute)
         total = None
         for i, (e, weight) in enumerate(zip(routing.expert_ids[0].tolist(), routing.weights[0].tolist())):
-            gate_up = self._matmul("w13", e, x if scales is None else x * scales[i])   # [1, 2I]
+            gate_up = self._matmul("w13", e, x_in if scales is None else (x * scales[i]).to(compute))   # [1, 2I]
             if self.b13 is not None:
                 gate_up = gate_up + self.b13[e]
             y = self._matmul("w2", e, self._activation(gate_up))                  # [1, H]
@@ -154,7 +161,7 @@ class Experts(nn.Module):
         order = local_ids.argsort(stable=True)                                    # [n] grouped by expert
         x_sorted = rows[order]
         if rows.device.type == "cpu":
-            out_sorted = self._per_expert(x_sorted, per_expert)
+            out_sorted = self._per_expert(x_sorted, per_expert).to(rows.dtype)
         else:
             sizes = torch.tensor(per_expert + [0], device=rows.device)
             out_sorted = self._grouped(x_sorted, sizes)
@@ -175,11 +182,15 @@ class Experts(nn.Module):
 
     def _per_expert(self, x_sorted: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """CPU: one oneDNN / int8 linear per expert with routes (its small-row kernel beats
-        grouped_mm 1.4-2x), the SwiGLU once over all of them. [R, H] -> [R, H] in x's dtype
-        (bf16 even with int8 weights: float32 SwiGLU is 2-3x slower at prefill sizes); rows past
-        the local experts' (other ranks', dropped) are zero."""
+        grouped_mm 1.4-2x), the SwiGLU once over all of them. [R, H] -> [R, H] in x's dtype, or
+        float32 for int8 weights at decode sizes: the int8 kernel takes and gives float32, and
+        converting each expert's input and output to and from bf16 cost ~20 us a call (a fifth
+        of a 4-row 1024x2048 call); at prefill sizes bf16 (float32 SwiGLU is 2-3x slower there).
+        Rows past the local experts' (other ranks', dropped) are zero."""
         sizes = sizes[: self.num_local]
         routed = sum(sizes)
+        if self.int8 and routed <= _INT8_FLOAT32_MAX_ROUTES:
+            x_sorted = x_sorted.float()
         gate_up = x_sorted.new_empty(routed, 2 * self.intermediate)             # [routed, 2I]
         for e, start, end in self._slices(sizes):
             gate_up[start:end] = self._matmul("w13", e, x_sorted[start:end])

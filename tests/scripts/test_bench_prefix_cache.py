@@ -17,14 +17,16 @@ def test_tiny_run_reports_hits_only_with_caching(tmp_path, capsys):
     results = bench_prefix_cache.main([
         "--model", str(model), "--system-len", "64", "--user-len", "8", "--reply-len", "4",
         "--output-len", "3", "--turns", "2", "--conversations", "2", "--agent-requests", "3",
-        "--unshared-len", "20", "--concurrency", "2", "--vocab", str(vocab), "--json", str(out)])
+        "--unshared-len", "20", "--concurrency", "2", "--think-time", "0.05", "--vocab", str(vocab),
+        "--json", str(out)])
     on, off = results["on"], results["off"]
     for name in ("chat", "agent", "unshared"):
         assert on[name]["ok"] == on[name]["n"] and off[name]["ok"] == off[name]["n"]
         assert off[name]["hit_rate"] == 0.0
     assert on["unshared"]["hit_rate"] == 0.0
     assert on["chat"]["hit_rate"] > 0.3 and on["agent"]["hit_rate"] > 0.3   # 64 shared of 72-84
-    assert "later_turns_p50" in on["chat"]
+    assert "later_turns_p50" in on["chat"] and "second_turn_p50" in on["chat"]
     printed = capsys.readouterr().out
-    assert "| chat | on |" in printed and "later-turn TTFT p50 off/on" in printed
+    assert "| chat | on |" in printed and "second-turn TTFT p50 off/on" in printed
+    assert "think time 0.05 s" in printed
     assert json.loads(out.read_text())["on"]["agent"]["hit_rate"] == on["agent"]["hit_rate"]
