@@ -39,12 +39,19 @@ class LiveServer:
     """A `python -m moeserve.cli serve` subprocess; its output goes to a log quoted on failure."""
 
     def __init__(self, name: str, model_dir: Path, cache_dir: Path, log_dir: Path, flags: list[str]) -> None:
-        self.name, self.port = name, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.name, self.model_dir, self.cache_dir, self.flags = name, model_dir, cache_dir, flags
         self.log_path = log_dir / f"{name}.log"
-        cmd = [sys.executable, "-m", "moeserve.cli", "serve", str(model_dir), "--host", "127.0.0.1",
-               "--port", str(self.port), *COMMON_ARGS, *flags]
-        env = {**os.environ, "MOESERVE_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1",
+        self._port_retries = 3
+        self._spawn()
+
+    def _spawn(self) -> None:
+        """Starts the server on a port free at this moment (another socket may still take it
+        before the server binds: ready() then starts it again on a new one)."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "moeserve.cli", "serve", str(self.model_dir), "--host", "127.0.0.1",
+               "--port", str(self.port), *COMMON_ARGS, *self.flags]
+        env = {**os.environ, "MOESERVE_CACHE": str(self.cache_dir), "PYTHONUNBUFFERED": "1",
                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         env.pop("MOESERVE_API_KEY", None)
         with open(self.log_path, "wb") as log:
@@ -59,6 +66,10 @@ class LiveServer:
         deadline = time.monotonic() + timeout
         while not self._ready:
             if self.proc.poll() is not None:
+                if "Address already in use" in self.log() and self._port_retries > 0:
+                    self._port_retries -= 1     # the port was taken between free_port() and bind
+                    self._spawn()
+                    continue
                 pytest.fail(f"server {self.name} exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 self._ready = httpx.get(self.url + "/health", timeout=2).status_code == 200
