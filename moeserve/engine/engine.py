@@ -25,6 +25,7 @@ from moeserve.parallel.expert_parallel import ExpertPlacement
 from moeserve.request import FinishReason, Request, SamplingParams
 from moeserve.detokenizer import IncrementalDetokenizer, load_eos_token_ids
 from moeserve.worker.device import available_memory, resolve_device, resolve_dtype
+from moeserve.worker.host_allocator import tune_host_allocator
 from moeserve.worker.model_runner import ModelRunner, kv_bytes_per_block
 from moeserve.worker.sampler import Sampler
 
@@ -60,6 +61,8 @@ class Engine:
         # (Llama-4-Scout declares 10.5M: 10.7 GB of float32 tables if built for all of them).
         self.max_positions = min(self.max_model_len, self.num_kv_blocks * config.block_size)
         self.executor = self._build_executor()
+        if self.device.type == "cpu":   # after the weights: they keep their own mappings
+            tune_host_allocator()       # step buffers reused, not page-faulted in every step
         self.model, self.runner = self.executor.model, self.executor.runner
         sched_cfg = SchedulerConfig(
             max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs,

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from moeserve.parallel.groups import Rendezvous, destroy_groups, init_groups
 from moeserve.parallel.rank import RankReport, RankSpec, build_rank, serve_steps
+from moeserve.worker.host_allocator import tune_host_allocator
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def worker_main(rdv: Rendezvous, num_threads: int, parent_pid: int = 0) -> int:
     rank = None
     try:
         rank = build_rank(spec, groups)
+        tune_host_allocator()      # after the weights (see worker/host_allocator.py)
         report = rank.report()
     except Exception as exc:  # noqa: BLE001 - reported to rank 0, which names it in its error
         log.exception("rank %d failed to start", rdv.rank)
