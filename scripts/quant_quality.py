@@ -8,7 +8,8 @@ the reference and each variant score the same full sequences, one prefill per se
 next-token distributions are compared at every position of the generated part (and at all
 positions): mean and max KL(ref || variant) in float64, and top-1 agreement. Variants: int8 (lm_head
 in full precision), int8 + --quantize-lm-head, and, on a CPU with bf16 instructions, plain bf16
-against float32 as a yardstick for what "close" means.
+against float32 as a yardstick for what "close" means. `--schemes weight-only,q8_0` adds other int8
+schemes simulated in float (scripts/int8_schemes.py): weight-only int8, and llama.cpp's Q8_0.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from int8_schemes import SCHEMES, load_simulated
 from moeserve.cpu_features import cpu_has_fast_bf16
 from moeserve.engine.batch import ScheduledBatch, ScheduledSeq
 from moeserve.models.config import MoEModelConfig
@@ -125,6 +127,8 @@ def model_dir_report(model_dir: Path, dtype: str, args: argparse.Namespace) -> d
     pairs = {f"int8 vs {name}": (ref, int8)}
     pairs[f"int8+lm_head vs {name}"] = (ref, load(model_dir, dict(dtype=ref_dtype, quantization="int8",
                                                                    quantize_lm_head=True)))
+    for scheme in args.schemes:
+        pairs[f"{scheme} int8, simulated, vs {name}"] = (ref, load_simulated(model_dir, ref_dtype, scheme))
     if cpu_has_fast_bf16():
         f32 = ref if ref_dtype == torch.float32 else load(model_dir, dict(dtype=torch.float32, pack=False))
         bf16 = ref if ref_dtype == torch.bfloat16 else load(model_dir, dict(dtype=torch.bfloat16, pack=False))
@@ -159,10 +163,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--schemes", default="", help=f"comma list of simulated int8 schemes to add: {','.join(SCHEMES)}")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = p.parse_args(argv)
     if not args.model and not args.arch_test_models:
         p.error("give a model directory or --arch-test-models")
+    args.schemes = [s for s in args.schemes.split(",") if s]
+    unknown = sorted(set(args.schemes) - set(SCHEMES))
+    if unknown:
+        p.error(f"--schemes: unknown {', '.join(unknown)}; choose from {', '.join(SCHEMES)}")
     return args
 
 
