@@ -19,6 +19,10 @@ servers that only know OpenAI's fields); tokens are counted from the streamed us
 Peak RSS is the largest sum of VmRSS over the server's process tree, sampled every 0.2 s.
 Prints one markdown table per concurrency; "vs BASELINE" is tok/s and TTFT p50 over the
 --baseline server's (default: the first peer).
+`--rounds N` runs every server N times, in command-line order in even rounds and reversed in odd
+ones (so a machine whose speed drifts over the run weighs on both sides alike); the table then holds
+each metric's median over the rounds, and a line per level gives every round's tok/s ratio against
+the baseline of that same round.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import random
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,8 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--stop-timeout", type=float, default=60.0)
     p.add_argument("--log-dir", default=None, help="server stdout/stderr go here (default: a temp dir)")
+    p.add_argument("--rounds", type=int, default=1, help="times each server is run (see above)")
     p.add_argument("--json", help="write the config and every summary here")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     if not args.servers:
         p.error("give at least one --moeserve or --peer")
     names = [s["name"] for s in args.servers]
@@ -149,7 +157,7 @@ class Server:
     def __init__(self, spec: dict, args) -> None:
         self.url = f"http://127.0.0.1:{(port := free_port())}"
         self.command = server_command(spec, args.model, port)
-        self.log = Path(args.log_dir) / f"{spec['name']}.log"
+        self.log = Path(args.log_dir) / f"{spec['name']}{spec.get('log_suffix', '')}.log"
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.rss = RssSampler(self.proc.pid)
@@ -255,22 +263,76 @@ def level_table(results: dict, baseline: str, c: int) -> str:
     return "\n".join(lines)
 
 
+def round_order(servers: list[dict], round_index: int) -> list[dict]:
+    """Command-line order in even rounds, reversed in odd ones (A B B A ...)."""
+    return servers if round_index % 2 == 0 else servers[::-1]
+
+
+def merge_rounds(rounds: list[dict], baseline: str) -> dict:
+    """Per-round results (server name -> bench_server result) -> one result per server whose level
+    summaries hold each numeric metric's median over the rounds (counts summed), plus `tok_s` and
+    `ratio` (tok/s over the same round's baseline) listed per round."""
+    merged = {}
+    for name, first in rounds[0].items():
+        levels = {}
+        for c in first["levels"]:
+            runs = [r[name]["levels"][c] for r in rounds]
+            level = {}
+            for key, value in runs[0].items():
+                values = [run[key] for run in runs]
+                if key in ("completed", "failed", "short_requests"):
+                    level[key] = sum(values)
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    level[key] = statistics.median(values)
+                elif key == "errors":
+                    level[key] = [e for v in values for e in v][:5]
+                else:
+                    level[key] = value
+            level["tok_s"] = [run["output_token_throughput"] for run in runs]
+            level["ratio"] = [run["output_token_throughput"] / r[baseline]["levels"][c]["output_token_throughput"]
+                              for run, r in zip(runs, rounds)]
+            levels[c] = level
+        merged[name] = {**first, "levels": levels, "peak_rss_mib": max(r[name]["peak_rss_mib"] for r in rounds)}
+    return merged
+
+
+def rounds_line(results: dict, baseline: str, c: int) -> str:
+    parts = [f"{name} {', '.join(f'{x:.2f}x' for x in r['levels'][c]['ratio'])}"
+             for name, r in results.items() if name != baseline]
+    return f"tok/s over {baseline} in each round: " + "; ".join(parts)
+
+
+def run_rounds(args) -> list[dict]:
+    rounds = []
+    for i in range(args.rounds):
+        suffix = f".round{i}" if args.rounds > 1 else ""
+        results = {}
+        for spec in round_order(args.servers, i):
+            results[spec["name"]] = bench_server({**spec, "log_suffix": suffix}, args)
+        rounds.append({spec["name"]: results[spec["name"]] for spec in args.servers})
+    return rounds
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="bench_vs_peer-")
     os.makedirs(args.log_dir, exist_ok=True)
-    results = {spec["name"]: bench_server(spec, args) for spec in args.servers}
+    rounds = run_rounds(args)
+    results = merge_rounds(rounds, args.baseline) if args.rounds > 1 else rounds[0]
+    rounds_note = f"medians over {args.rounds} rounds; " if args.rounds > 1 else ""
     print(f"\nprompt {args.prompt_len} tokens, output {args.output_len} tokens, streaming; "
-          f"server logs in {args.log_dir}\n")
+          f"{rounds_note}server logs in {args.log_dir}\n")
     for c in args.levels:
         print(level_table(results, args.baseline, c), end="\n\n")
+        if args.rounds > 1:
+            print(rounds_line(results, args.baseline, c), end="\n\n")
         for name, r in results.items():
             for error in r["levels"][c]["errors"]:
                 print(f"{name} error: {error}")
     if args.json:
         config = {k: v for k, v in vars(args).items() if k != "servers"}
         with open(args.json, "w") as f:
-            json.dump({"config": config, "servers": results}, f, indent=2)
+            json.dump({"config": config, "servers": results, "rounds": rounds}, f, indent=2)
     return results
 
 

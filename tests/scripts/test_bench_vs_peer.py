@@ -75,3 +75,23 @@ def test_tree_rss_counts_children():
 def test_sampler_peak_is_never_empty():
     sampler = bench_vs_peer.RssSampler(os.getpid())    # not started: take_peak samples once itself
     assert sampler.take_peak() > 10
+
+
+def test_rounds_alternate_the_order_and_merge_to_medians_with_paired_ratios():
+    servers = [{"name": "a"}, {"name": "b"}, {"name": "c"}]
+    assert [s["name"] for s in bench_vs_peer.round_order(servers, 0)] == ["a", "b", "c"]
+    assert [s["name"] for s in bench_vs_peer.round_order(servers, 1)] == ["c", "b", "a"]
+    rounds = [{"ms": {"peak_rss_mib": 600.0, "levels": {4: summary(150.0, 50.0)}},
+               "llama": {"peak_rss_mib": 400.0, "levels": {4: summary(100.0, 100.0)}}},
+              {"ms": {"peak_rss_mib": 700.0, "levels": {4: summary(120.0, 70.0)}},
+               "llama": {"peak_rss_mib": 500.0, "levels": {4: summary(60.0, 90.0)}}},
+              {"ms": {"peak_rss_mib": 650.0, "levels": {4: summary(130.0, 60.0)}},
+               "llama": {"peak_rss_mib": 450.0, "levels": {4: summary(65.0, 80.0)}}}]
+    merged = bench_vs_peer.merge_rounds(rounds, "llama")
+    ms = merged["ms"]["levels"][4]
+    assert ms["output_token_throughput"] == 130.0 and ms["ttft_p50_ms"] == 60.0 and ms["completed"] == 24
+    assert ms["tok_s"] == [150.0, 120.0, 130.0] and ms["ratio"] == [1.5, 2.0, 2.0]
+    assert merged["ms"]["peak_rss_mib"] == 700.0
+    assert bench_vs_peer.rounds_line(merged, "llama", 4) == "tok/s over llama in each round: ms 1.50x, 2.00x, 2.00x"
+    with pytest.raises(SystemExit):
+        bench_vs_peer.parse_args(["--moeserve", "a=", "--rounds", "0"])
