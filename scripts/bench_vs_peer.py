@@ -289,8 +289,9 @@ def merge_rounds(rounds: list[dict], baseline: str) -> dict:
                 else:
                     level[key] = value
             level["tok_s"] = [run["output_token_throughput"] for run in runs]
-            level["ratio"] = [run["output_token_throughput"] / r[baseline]["levels"][c]["output_token_throughput"]
-                              for run, r in zip(runs, rounds)]
+            bases = [r[baseline]["levels"][c]["output_token_throughput"] for r in rounds]
+            level["ratio"] = [run["output_token_throughput"] / base if base else float("nan")
+                              for run, base in zip(runs, bases)]
             levels[c] = level
         merged[name] = {**first, "levels": levels, "peak_rss_mib": max(r[name]["peak_rss_mib"] for r in rounds)}
     return merged
