@@ -95,3 +95,12 @@ def test_rounds_alternate_the_order_and_merge_to_medians_with_paired_ratios():
     assert bench_vs_peer.rounds_line(merged, "llama", 4) == "tok/s over llama in each round: ms 1.50x, 2.00x, 2.00x"
     with pytest.raises(SystemExit):
         bench_vs_peer.parse_args(["--moeserve", "a=", "--rounds", "0"])
+
+
+def test_a_round_whose_baseline_served_nothing_gives_a_nan_ratio():
+    rounds = [{"ms": {"peak_rss_mib": 1.0, "levels": {1: summary(50.0, 10.0)}},
+               "llama": {"peak_rss_mib": 1.0, "levels": {1: summary(0.0, 10.0)}}},
+              {"ms": {"peak_rss_mib": 1.0, "levels": {1: summary(60.0, 10.0)}},
+               "llama": {"peak_rss_mib": 1.0, "levels": {1: summary(30.0, 10.0)}}}]
+    ratios = bench_vs_peer.merge_rounds(rounds, "llama")["ms"]["levels"][1]["ratio"]
+    assert ratios[0] != ratios[0] and ratios[1] == 2.0     # nan, then 60 / 30
