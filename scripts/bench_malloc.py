@@ -11,7 +11,6 @@ time under each setting and default/tuned (above 1: the tuning is faster).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import time
@@ -20,30 +19,14 @@ import torch
 
 os.environ["MOESERVE_NO_MALLOC_TUNING"] = "1"     # this script sets the thresholds itself
 
-from moeserve import LLM, SamplingParams  # noqa: E402
-from moeserve.worker import host_allocator  # noqa: E402
-
-_PARAMS = (host_allocator._M_MMAP_THRESHOLD, host_allocator._M_TRIM_THRESHOLD, host_allocator._M_TOP_PAD)
-_TUNED = (host_allocator._MMAP, host_allocator._TRIM, host_allocator._TOP_PAD)
-_GLIBC_DEFAULTS = (128 << 10, 128 << 10, 0)
+from moeserve import LLM  # noqa: E402
+from moeserve.worker.host_allocator import GLIBC_DEFAULTS, TUNED, set_thresholds  # noqa: E402
+from profile_step import drain, fill  # noqa: E402
 
 
-def set_thresholds(libc, tuned: bool) -> None:
-    for param, value in zip(_PARAMS, _TUNED if tuned else _GLIBC_DEFAULTS):
-        if libc.mallopt(param, value) != 1:
-            raise SystemExit("mallopt refused: not glibc?")
-
-
-def add(llm: LLM, tag: str, n: int, max_tokens: int, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for i in range(n):
-        llm.engine.add_request(f"{tag}-{i}", torch.randint(10, 2000, (128,), generator=g).tolist(),
-                               SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-
-
-def drain(llm: LLM) -> None:
-    while llm.engine.has_unfinished_requests():
-        llm.engine.step()
+def use(tuned: bool) -> None:
+    if not set_thresholds(TUNED if tuned else GLIBC_DEFAULTS):
+        raise SystemExit("mallopt refused: not glibc?")
 
 
 def main() -> None:
@@ -54,17 +37,16 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=8, help="alternating blocks per scenario")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    libc = ctypes.CDLL("libc.so.6")
     extra = {"quantization": args.quantization} if args.quantization else {}
     llm = LLM(args.model, kv_cache_memory=1 << 30, max_num_seqs=64, **extra)
     times: dict[tuple[str, bool], list[float]] = {}
     for batch in (1, 16):
-        add(llm, f"decode{batch}", batch, 14 * args.blocks + 8, seed=batch)
+        fill(llm, batch, 128, 14 * args.blocks + 8, f"decode{batch}")
         for _ in range(5):
             llm.engine.step()
         for block in range(args.blocks):          # context lengths grow alike under both settings
             tuned = block % 2 == 0
-            set_thresholds(libc, tuned)
+            use(tuned)
             llm.engine.step()
             for _ in range(12):
                 start = time.perf_counter()
@@ -73,8 +55,8 @@ def main() -> None:
         drain(llm)
     for block in range(args.blocks):
         tuned = block % 2 == 0
-        set_thresholds(libc, tuned)
-        add(llm, f"prefill{block}", 16, 1, seed=100 + block)
+        use(tuned)
+        fill(llm, 16, 128, 1, f"prefill{block}", seed=100 + block)
         start = time.perf_counter()
         drain(llm)
         times.setdefault(("prefill 16 x 128", tuned), []).append(time.perf_counter() - start)

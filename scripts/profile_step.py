@@ -30,8 +30,10 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def fill(llm: LLM, n: int, prompt_len: int, max_tokens: int, tag: str) -> None:
-    g = torch.Generator().manual_seed(n)
+def fill(llm: LLM, n: int, prompt_len: int, max_tokens: int, tag: str, seed: int | None = None) -> None:
+    """n requests of random prompts, seeded by n unless `seed` is given (another seed: prompts no
+    earlier fill cached)."""
+    g = torch.Generator().manual_seed(n if seed is None else seed)
     for i in range(n):
         prompt = torch.randint(10, 2000, (prompt_len,), generator=g).tolist()
         llm.engine.add_request(f"{tag}-{i}", prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))

@@ -28,6 +28,8 @@ _MMAP = 256 << 20     # requests above this still get their own mapping (the KV 
 _TRIM = 1 << 30       # free memory kept at the heap top before it is returned
 _TOP_PAD = 64 << 20   # extra bytes taken per heap growth: fewer brk calls
 _DISABLE_ENV = "MOESERVE_NO_MALLOC_TUNING"
+TUNED = (_MMAP, _TRIM, _TOP_PAD)
+GLIBC_DEFAULTS = (128 << 10, 128 << 10, 0)   # glibc's documented defaults (scripts/bench_malloc.py)
 
 _applied: bool | None = None
 
@@ -49,11 +51,16 @@ def _apply() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = all(libc.mallopt(param, value) == 1 for param, value in
-                 ((_M_MMAP_THRESHOLD, _MMAP), (_M_TRIM_THRESHOLD, _TRIM), (_M_TOP_PAD, _TOP_PAD)))
+        ok = set_thresholds(TUNED)
     except (OSError, AttributeError):
         return False
     if not ok:
         log.warning("glibc refused the malloc thresholds; large step buffers will page-fault each step")
     return ok
+
+
+def set_thresholds(values: tuple[int, int, int]) -> bool:
+    """glibc's (mmap threshold, trim threshold, top pad) set to `values`; True if all were taken."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    params = (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, _M_TOP_PAD)
+    return all(libc.mallopt(param, value) == 1 for param, value in zip(params, values))
