@@ -8,9 +8,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     MOESERVE_CACHE=/home/moeserve/.cache/moeserve
 
 # The package versions differ between the CPU and CUDA bases, so they are not pinned here.
+# gcc: moeserve compiles its native CPU kernels for the serving CPU at first start (kernels/native.py).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-pip python3-venv curl \
+    && apt-get install -y --no-install-recommends python3 python3-pip python3-venv curl gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1000 moeserve
 

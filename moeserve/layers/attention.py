@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.kernels import native, ops
 from moeserve.layers.linear import Linear
 
 from moeserve.layers.norm import RMSNorm
@@ -61,6 +62,23 @@ class AttentionMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
     _decode_masks: dict = field(default_factory=dict)  # (window, chunk, dtype) -> [B, 1, 1, Lmax], once a step
     rope_cache: dict = field(default_factory=dict)      # rotary cos/sin of `positions`, gathered once a step
+
+    def decode_starts(self, window: int | None, chunk: int | None) -> torch.Tensor | None:
+        """[B] int64 first context position a decode attends to (sliding window, chunked
+        attention), or None for the whole context; once a step."""
+        if window is None and chunk is None:
+            return None
+        key = ("starts", window, chunk)
+        starts = self._decode_masks.get(key)
+        if starts is None:
+            lens = self.decode_lens
+            starts = torch.zeros_like(lens)
+            if window is not None:
+                starts = torch.maximum(starts, lens - window)
+            if chunk is not None:
+                starts = torch.maximum(starts, (lens - 1).div(chunk, rounding_mode="floor") * chunk)
+            self._decode_masks[key] = starts
+        return starts
 
     def decode_mask(self, window: int | None, chunk: int | None = None,
                     dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -190,6 +208,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # x [T, H]; kv_cache [2, NB, BS, NKV, D]
         qk, v = self._project(x)                                     # [T, NH + NKV, D], [T, NKV, D]
+        k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [NB*BS, NKV, D]
+        v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        if self._native_rope(qk):   # rotary and the cache write in one native call
+            ops.rope_write_cache(qk, v, self.rotary.cos, self.rotary.sin, meta.positions, meta.slot_mapping,
+                                 self.num_heads, k_flat, v_flat)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            return self._attend(q, k, v, k_flat, v_flat, meta)
         if self.use_rope:
             qk = self.rotary(meta.positions, qk, meta.rope_cache)
         if self.l2_eps is not None:                                  # after rope, as Llama 4
@@ -197,10 +222,19 @@ class Attention(nn.Module):
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # [T, NH, D], [T, NKV, D]
         if self.temperature is not None:
             q = (q * self._temperature_scales(meta)).to(q.dtype)
-        k_flat = kv_cache[0].view(-1, self.num_kv_heads, self.head_dim)  # [NB*BS, NKV, D]
-        v_flat = kv_cache[1].view(-1, self.num_kv_heads, self.head_dim)
         k_flat.index_copy_(0, meta.slot_mapping, k)
         v_flat.index_copy_(0, meta.slot_mapping, v)
+        return self._attend(q, k, v, k_flat, v_flat, meta)
+
+    def _native_rope(self, qk: torch.Tensor) -> bool:
+        """The native rotary + cache write applies: neox rotary on every head, nothing between
+        rotary and the cache write (Llama 4's l2 norm, NoPE temperature), a native dtype."""
+        return (self.use_rope and self.l2_eps is None and self.temperature is None and not self.rotary.interleaved
+                and native.supports(qk))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_flat: torch.Tensor,
+                v_flat: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q [T, NH, D], k / v [T, NKV, D] (already in the cache) -> [T, H]
         if not meta.prefills:                                        # decode-only step: no copy
             out = self._decode(q, k_flat, v_flat, meta)
         else:
@@ -238,6 +272,10 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         # q [B, NH, D] -> [B, NH, 1, D]; contexts gathered [B, Lmax, NKV, D] -> [B, NKV, Lmax, D]
+        if native.supports(q, k_flat):   # in place over the paged cache: no gather, no mask
+            sinks = None if self.sinks is None else self.sinks.float()
+            return ops.decode_attention(q, k_flat, v_flat, meta.decode_slots, meta.decode_lens, self.scale,
+                                        meta.decode_starts(self.window, self.chunk), sinks)
         b, lmax = meta.decode_slots.shape
         slots = meta.decode_slots.reshape(-1)                        # index_select: ~4x faster than [] here
         keys = k_flat.index_select(0, slots).view(b, lmax, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, MixtralConfig, MixtralForCausalLM
 
+from moeserve.cache import default_cache_dir
 from moeserve.models.tokenizer_builder import BOS, PAD, build_tokenizer, eos_token_ids
 
 logger = logging.getLogger(__name__)
@@ -61,15 +62,6 @@ BUILTIN_SPEC = CheckpointSpec(
     hidden=256, layers=4, experts=8, top_k=2, intermediate=512, heads=8, kv_heads=2,
     vocab_size=None, tokenizer_vocab=2048, dtype="float32", seed=1234,
 )
-
-
-def default_cache_dir() -> Path:
-    """$MOESERVE_CACHE, else $XDG_CACHE_HOME/moeserve, else ~/.cache/moeserve."""
-    if os.environ.get("MOESERVE_CACHE"):
-        return Path(os.environ["MOESERVE_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "moeserve"
 
 
 def is_complete_checkpoint(path: Path) -> bool:

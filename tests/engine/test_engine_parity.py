@@ -3,7 +3,9 @@
 Twelve prompts of 1..300 tokens submitted together under a 64-token step budget force chunked
 prefill (a long prompt spans several steps) and mixed steps (prefill chunks beside decodes). Each
 prompt must get exactly the tokens it gets alone (with a budget big enough for no chunking) and
-exactly what transformers' own greedy generate() produces.
+exactly what transformers' own greedy generate() produces. Run with the native CPU kernels
+(moeserve/kernels: rotary + cache write, decode attention, RMSNorm) and with the PyTorch ops
+they replace.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 from tests.checkpoints import ARCHITECTURES
 from tests.engine.engine_helpers import hf_greedy, load_hf, make_llm, random_prompts
 
+from moeserve.kernels import native
 from moeserve.request import SamplingParams
 
 PROMPT_LENS = (1, 2, 5, 9, 16, 17, 33, 64, 100, 150, 255, 300)
@@ -32,8 +35,13 @@ def _record_batches(llm) -> list:
     return batches
 
 
+@pytest.mark.parametrize("kernels", ["native", "torch"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_batched_equals_alone_equals_transformers(arch, tiny_checkpoints):
+def test_batched_equals_alone_equals_transformers(arch, kernels, tiny_checkpoints, monkeypatch):
+    if kernels == "torch":
+        monkeypatch.setattr(native, "supports", lambda *tensors: False)
+    elif native.library() is None:
+        pytest.skip("no native kernels on this machine")
     model_dir = tiny_checkpoints[arch]
     prompts = random_prompts(PROMPT_LENS, seed=len(arch))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)

@@ -1,0 +1,273 @@
+/* moeserve's fused CPU kernels: the small ops between the linears of a decode step, one call
+ * each instead of 4-10 PyTorch ops (each ~5-20 us of dispatch and allocation at decode sizes).
+ *
+ * Built at first use by moeserve/kernels/native.py (gcc -O3 -march=native -fopenmp) and called
+ * through ctypes with raw pointers; the Python side checks shapes, dtypes and contiguity.
+ * Every kernel exists for float32 (suffix _f32) and bfloat16 (_bf16, stored as uint16). Math
+ * runs in float32; bfloat16 results are rounded to nearest even, as PyTorch rounds them, and
+ * where PyTorch rounds an intermediate to the tensor's dtype these kernels round it too, so the
+ * elementwise kernels match the PyTorch ops they replace bit for bit (reductions may differ in
+ * the last float32 bit: their summation order is not PyTorch's).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+static inline float bf16_to_f32(bf16 v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline bf16 f32_to_bf16(float f) {   /* round to nearest even; NaN stays NaN */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (bf16)((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (bf16)(bits >> 16);
+}
+
+static inline float f32_load(float v) { return v; }
+static inline float f32_store(float v) { return v; }
+static inline float f32_round(float v) { return v; }
+static inline float bf16_load(bf16 v) { return bf16_to_f32(v); }
+static inline bf16 bf16_store(float v) { return f32_to_bf16(v); }
+static inline float bf16_round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
+
+#define ATTN_BLOCK 128   /* context positions scored at once (flash-decoding style) */
+
+/* Vector helpers: 16 floats at a time with AVX-512, plain loops elsewhere (AVX2 machines get
+ * what gcc vectorizes on its own). d % 16 == 0 takes the AVX-512 loops. */
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const bf16 *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+/* exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), r = x - n ln2 in
+ * [-ln2/2, ln2/2], p the degree-6 Taylor polynomial (relative error < 2e-7). */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* scores[j] = scale * q . k_j for the n keys of a block, and their max.
+ * exps: scores[j] = exp(scores[j] - m), returning their sum. */
+#define DEFINE_ATTN_HELPERS(SUFFIX, T)                                                          \
+static float block_scores_##SUFFIX(const float *qf, const T *k, const int64_t *slots, int64_t n,\
+                                   int64_t stride, int64_t d, float *scores) {                  \
+    float block_max = -INFINITY;                                                                \
+    for (int64_t j = 0; j < n; j++) {                                                           \
+        const T *kr = k + slots[j] * stride;                                                    \
+        float dot = 0.0f;                                                                       \
+        VEC_DOT(SUFFIX, qf, kr, d, dot);                                                        \
+        scores[j] = dot;                                                                        \
+        if (dot > block_max) block_max = dot;                                                   \
+    }                                                                                           \
+    return block_max;                                                                           \
+}                                                                                               \
+static void block_values_##SUFFIX(const float *p, const T *v, const int64_t *slots, int64_t n,  \
+                                  int64_t stride, int64_t d, float *acc) {                      \
+    for (int64_t j = 0; j < n; j++) {                                                           \
+        const T *vr = v + slots[j] * stride;                                                    \
+        VEC_AXPY(SUFFIX, p[j], vr, d, acc);                                                     \
+    }                                                                                           \
+}
+
+#ifdef __AVX512F__
+#define VEC_DOT(SUFFIX, qf, kr, d, dot)                                                         \
+    if (d % 16 == 0) {                                                                          \
+        __m512 vacc = _mm512_setzero_ps();                                                      \
+        for (int64_t i = 0; i < d; i += 16)                                                     \
+            vacc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + i), load16_##SUFFIX(kr + i), vacc);     \
+        dot = _mm512_reduce_add_ps(vacc);                                                       \
+    } else {                                                                                    \
+        for (int64_t i = 0; i < d; i++) dot += qf[i] * SUFFIX##_load(kr[i]);                    \
+    }
+#define VEC_AXPY(SUFFIX, a, vr, d, acc)                                                         \
+    if (d % 16 == 0) {                                                                          \
+        const __m512 va = _mm512_set1_ps(a);                                                    \
+        for (int64_t i = 0; i < d; i += 16)                                                     \
+            _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(va, load16_##SUFFIX(vr + i), _mm512_loadu_ps(acc + i))); \
+    } else {                                                                                    \
+        for (int64_t i = 0; i < d; i++) acc[i] += a * SUFFIX##_load(vr[i]);                     \
+    }
+#else
+#define VEC_DOT(SUFFIX, qf, kr, d, dot)                                                         \
+    _Pragma("omp simd reduction(+:dot)")                                                        \
+    for (int64_t i = 0; i < d; i++) dot += qf[i] * SUFFIX##_load(kr[i]);
+#define VEC_AXPY(SUFFIX, a, vr, d, acc)                                                         \
+    for (int64_t i = 0; i < d; i++) acc[i] += a * SUFFIX##_load(vr[i]);
+#endif
+
+DEFINE_ATTN_HELPERS(f32, float)
+DEFINE_ATTN_HELPERS(bf16, bf16)
+
+/* scores[j] = exp(scores[j] - m) for j < n; returns their sum. */
+static float exp_shifted(float *scores, int64_t n, float m) {
+    float sum = 0.0f;
+    int64_t j = 0;
+#ifdef __AVX512F__
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 vsum = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + j), vm));
+        _mm512_storeu_ps(scores + j, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; j < n; j++) {
+        scores[j] = expf(scores[j] - m);
+        sum += scores[j];
+    }
+    return sum;
+}
+
+/* Decode attention over a paged KV cache, no gather: each sequence's one query token attends to
+ * its context positions [start, len) read in place through its slot list.
+ *   q        [B, NH, D]          queries (this step's token of each sequence), rows q_stride apart
+ *   k, v     [S, NKV, D]         the layer's cache, flat slots (block * block_size + offset)
+ *   slots    [B, lmax] int64     each sequence's cache slot of every context position
+ *   lens     [B] int64           context length including the new token (<= lmax)
+ *   starts   [B] int64 or NULL   first attended position (sliding window / chunked attention)
+ *   sinks    [NH] float32 or NULL  gpt-oss: a per-head logit in every softmax denominator
+ *   out      [B, NH, D]
+ * One task per (sequence, query head); softmax in float32 with a running max, rescaled once per
+ * block of ATTN_BLOCK positions. */
+#define DEFINE_DECODE_ATTENTION(SUFFIX, T)                                                      \
+void decode_attention_##SUFFIX(const T *q, int64_t q_stride, const T *k, const T *v,             \
+                               const int64_t *slots, int64_t lmax, const int64_t *lens,         \
+                               const int64_t *starts, const float *sinks, float scale,          \
+                               int64_t batch, int64_t nh, int64_t nkv, int64_t d, T *out) {     \
+    const int64_t g = nh / nkv;                                                                 \
+    _Pragma("omp parallel")                                                                     \
+    {                                                                                           \
+        float qf[d], acc[d], scores[ATTN_BLOCK];                                                \
+        _Pragma("omp for collapse(2) schedule(static)")                                         \
+        for (int64_t b = 0; b < batch; b++) {                                                   \
+            for (int64_t h = 0; h < nh; h++) {                                                  \
+                const int64_t len = lens[b];                                                    \
+                int64_t start = starts ? starts[b] : 0;                                         \
+                if (start < 0) start = 0;                                                       \
+                const int64_t *seq_slots = slots + b * lmax;                                    \
+                const int64_t kv_offset = (h / g) * d;                                          \
+                const T *qh = q + b * q_stride + h * d;                                         \
+                for (int64_t i = 0; i < d; i++) qf[i] = SUFFIX##_load(qh[i]) * scale;           \
+                memset(acc, 0, sizeof(float) * d);                                              \
+                float run_max = -INFINITY, run_sum = 0.0f;                                      \
+                for (int64_t j0 = start; j0 < len; j0 += ATTN_BLOCK) {                          \
+                    const int64_t n = len - j0 < ATTN_BLOCK ? len - j0 : ATTN_BLOCK;            \
+                    const float block_max = block_scores_##SUFFIX(qf, k + kv_offset, seq_slots + j0, \
+                                                                  n, nkv * d, d, scores);       \
+                    const float new_max = block_max > run_max ? block_max : run_max;            \
+                    const float rescale = expf(run_max - new_max);                              \
+                    if (rescale != 1.0f)                                                        \
+                        for (int64_t i = 0; i < d; i++) acc[i] *= rescale;                      \
+                    run_sum = run_sum * rescale + exp_shifted(scores, n, new_max);              \
+                    run_max = new_max;                                                          \
+                    block_values_##SUFFIX(scores, v + kv_offset, seq_slots + j0, n, nkv * d, d, acc); \
+                }                                                                               \
+                float denom = run_sum, keep = 1.0f;                                             \
+                if (sinks) {                                                                    \
+                    const float new_max = sinks[h] > run_max ? sinks[h] : run_max;              \
+                    keep = expf(run_max - new_max);                                             \
+                    denom = denom * keep + expf(sinks[h] - new_max);                            \
+                }                                                                               \
+                const float factor = denom > 0.0f ? keep / denom : 0.0f;                        \
+                T *oh = out + (b * nh + h) * d;                                                 \
+                for (int64_t i = 0; i < d; i++) oh[i] = SUFFIX##_store(acc[i] * factor);        \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+}
+
+DEFINE_DECODE_ATTENTION(f32, float)
+DEFINE_DECODE_ATTENTION(bf16, bf16)
+
+/* RMSNorm as the reference models compute it: normed = x * rsqrt(mean(x^2) + eps) in float32,
+ * rounded to x's dtype, then times the weight (rounded again).
+ *   x [T, H] rows `x_stride` apart; weight [H] in x's dtype; out [T, H] contiguous. */
+#define DEFINE_RMS_NORM(SUFFIX, T)                                                              \
+void rms_norm_##SUFFIX(const T *x, int64_t x_stride, const T *weight, float eps, int64_t rows,  \
+                       int64_t h, T *out) {                                                     \
+    _Pragma("omp parallel for schedule(static) if (rows > 4)")                                 \
+    for (int64_t r = 0; r < rows; r++) {                                                        \
+        const T *xr = x + r * x_stride;                                                         \
+        T *o = out + r * h;                                                                     \
+        float sum = 0.0f;                                                                       \
+        _Pragma("omp simd reduction(+:sum)")                                                    \
+        for (int64_t i = 0; i < h; i++) {                                                       \
+            const float f = SUFFIX##_load(xr[i]);                                               \
+            sum += f * f;                                                                       \
+        }                                                                                       \
+        const float inv = 1.0f / sqrtf(sum / (float)h + eps);                                  \
+        for (int64_t i = 0; i < h; i++) {                                                       \
+            const float normed = SUFFIX##_round(SUFFIX##_load(xr[i]) * inv);                    \
+            o[i] = SUFFIX##_store(SUFFIX##_load(weight[i]) * normed);                           \
+        }                                                                                       \
+    }                                                                                           \
+}
+
+DEFINE_RMS_NORM(f32, float)
+DEFINE_RMS_NORM(bf16, bf16)
+
+/* Neox rotary embedding (dims i and i + rot/2 form a pair) on queries and keys in place, then
+ * this step's keys and values written to the layer's cache.
+ *   qk [T, NH + NKV, Dh] rows `qk_stride` apart (heads contiguous); the first `rot` dims of a
+ *      head rotate (partial rotary), with cos/sin [P, rot] float32 tables (halves duplicated)
+ *      rounded to the dtype first, as RotaryEmbedding does: x * cos + rotate_half(x) * sin,
+ *      each product and the sum rounded to the dtype.
+ *   v [T, NKV, Dh] rows `v_stride` apart; positions [T]; slot_mapping [T]
+ *   k_cache, v_cache [S, NKV, Dh]: row slot_mapping[t] gets token t's key and value. */
+#define DEFINE_ROPE_CACHE(SUFFIX, T)                                                            \
+void rope_write_cache_##SUFFIX(T *qk, int64_t qk_stride, const T *v, int64_t v_stride,           \
+                               const float *cos_table, const float *sin_table, int64_t rot,      \
+                               const int64_t *positions, const int64_t *slot_mapping,            \
+                               int64_t tokens, int64_t nh, int64_t nkv, int64_t dh,              \
+                               T *k_cache, T *v_cache) {                                         \
+    const int64_t half = rot / 2;                                                               \
+    _Pragma("omp parallel for schedule(static) if (tokens > 4)")                               \
+    for (int64_t t = 0; t < tokens; t++) {                                                      \
+        const float *cos_row = cos_table + positions[t] * rot;                                  \
+        const float *sin_row = sin_table + positions[t] * rot;                                  \
+        T *row = qk + t * qk_stride;                                                            \
+        for (int64_t hd = 0; hd < nh + nkv; hd++) {                                             \
+            T *x = row + hd * dh;                                                               \
+            for (int64_t i = 0; i < half; i++) {                                                \
+                const float a = SUFFIX##_load(x[i]), b = SUFFIX##_load(x[i + half]);            \
+                const float c0 = SUFFIX##_round(cos_row[i]), s0 = SUFFIX##_round(sin_row[i]);   \
+                const float c1 = SUFFIX##_round(cos_row[i + half]);                             \
+                const float s1 = SUFFIX##_round(sin_row[i + half]);                             \
+                const float lo = SUFFIX##_round(a * c0) + SUFFIX##_round(-b * s0);              \
+                const float hi = SUFFIX##_round(b * c1) + SUFFIX##_round(a * s1);               \
+                x[i] = SUFFIX##_store(lo);                                                      \
+                x[i + half] = SUFFIX##_store(hi);                                               \
+            }                                                                                   \
+        }                                                                                       \
+        const int64_t slot = slot_mapping[t];                                                   \
+        memcpy(k_cache + slot * nkv * dh, row + nh * dh, sizeof(T) * nkv * dh);                 \
+        const T *vr = v + t * v_stride;                                                         \
+        memcpy(v_cache + slot * nkv * dh, vr, sizeof(T) * nkv * dh);                            \
+    }                                                                                           \
+}
+
+DEFINE_ROPE_CACHE(f32, float)
+DEFINE_ROPE_CACHE(bf16, bf16)

@@ -1,0 +1,151 @@
+"""The native CPU kernels (moeserve/kernels) against the PyTorch ops they replace, built for this
+CPU (-march=native: the AVX-512 loops where it has them) and for a plain AVX2 CPU (x86-64-v3:
+the portable loops), so both code paths are checked on any x86 machine that runs AVX2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeserve.kernels import native, ops
+from moeserve.layers.attention import sink_attention
+from moeserve.layers.norm import RMSNorm
+from moeserve.layers.rotary import RotaryEmbedding
+from moeserve.models.config import RopeConfig
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler / not x86-64 Linux")
+
+
+@pytest.fixture(scope="module", params=["native", "x86-64-v3"])
+def kernels(request, tmp_path_factory):
+    """ops.* run on the library built for this -march."""
+    if request.param == "native":
+        lib = native.library()
+    else:
+        if "avx2" not in native.cpu_flags():
+            pytest.skip("this CPU cannot run AVX2 code")
+        path = tmp_path_factory.mktemp("kernels") / "avx2.so"
+        native.build(native._compiler(), path, march=request.param)
+        lib = native.NativeKernels(path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "library", lambda: lib)
+        yield request.param
+
+
+def _paged_context(batch: int, max_len: int, slots_total: int, block: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, Lmax] slots laid out in shuffled blocks as the block manager hands them out, and [B] lens."""
+    blocks = torch.randperm(slots_total // block)[: batch * -(-max_len // block)].view(batch, -1, 1)
+    slots = (blocks * block + torch.arange(block)).view(batch, -1)[:, :max_len].contiguous()
+    lens = torch.randint(1, max_len + 1, (batch,))
+    lens[0] = max_len
+    return slots, lens
+
+
+def _reference_decode(q, k_flat, v_flat, slots, lens, scale, starts=None, sinks=None):
+    """Gather + masked attention, float32: [B, NH, D]."""
+    b, lmax = slots.shape
+    nkv, d = k_flat.shape[1:]
+    nh = q.shape[1]
+    keys = k_flat.float()[slots].transpose(1, 2).repeat_interleave(nh // nkv, 1)   # [B, NH, L, D]
+    values = v_flat.float()[slots].transpose(1, 2).repeat_interleave(nh // nkv, 1)
+    cols = torch.arange(lmax)
+    mask = cols[None] < lens[:, None]
+    if starts is not None:
+        mask &= cols[None] >= starts[:, None]
+    mask = mask[:, None, None, :]
+    if sinks is not None:
+        return sink_attention(q.float()[:, :, None], keys, values, mask, sinks, scale)[:, :, 0]
+    return F.scaled_dot_product_attention(q.float()[:, :, None], keys, values, attn_mask=mask, scale=scale)[:, :, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,max_len,nh,nkv,d", [(1, 1, 4, 4, 64), (1, 200, 16, 4, 64), (5, 300, 8, 2, 128),
+                                                   (3, 37, 6, 2, 24)])
+def test_decode_attention_matches_masked_attention(kernels, dtype, batch, max_len, nh, nkv, d):
+    torch.manual_seed(0)
+    k_flat, v_flat = torch.randn(2, 4096, nkv, d).to(dtype)
+    slots, lens = _paged_context(batch, max_len, 4096)
+    qkv = torch.randn(batch, nh + 2 * nkv, d).to(dtype)
+    q = qkv[:, :nh]                                           # strided rows, as the engine passes them
+    out = ops.decode_attention(q, k_flat, v_flat, slots, lens, 0.3)
+    ref = _reference_decode(q, k_flat, v_flat, slots, lens, 0.3)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert out.dtype == dtype and out.shape == (batch, nh, d)
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_window_and_sinks(kernels, dtype):
+    torch.manual_seed(1)
+    k_flat, v_flat = torch.randn(2, 2048, 2, 64).to(dtype)
+    slots, lens = _paged_context(4, 150, 2048)
+    q = torch.randn(4, 8, 64).to(dtype)
+    starts = (lens - 20).clamp(min=0)
+    sinks = torch.randn(8) * 3
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for kwargs in ({"starts": starts}, {"sinks": sinks}, {"starts": starts, "sinks": sinks}):
+        out = ops.decode_attention(q, k_flat, v_flat, slots, lens, 0.125, **kwargs)
+        ref = _reference_decode(q, k_flat, v_flat, slots, lens, 0.125, **kwargs)
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_module(kernels, dtype):
+    torch.manual_seed(2)
+    norm = RMSNorm(1000, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(1000))
+    x = torch.randn(7, 1200).to(dtype)[:, 100:1100] * 5      # strided rows
+    out = ops.rms_norm(x, norm.weight, 1e-6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "supports", lambda *t: False)
+        ref = norm(x)
+    assert out.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    else:   # the sum of squares may differ in its last float32 bit: at most a rare 1-ulp flip
+        assert (out != ref).float().mean() < 0.01
+        torch.testing.assert_close(out.float(), ref.float(), atol=0.0, rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rot_dim", [64, 32])     # 32: partial rotary (GLM-4.5, MiniMax-M2)
+def test_rope_write_cache_matches_rotary_and_index_copy(kernels, dtype, rot_dim):
+    torch.manual_seed(3)
+    nh, nkv, dh, t = 8, 2, 64, 5
+    rotary = RotaryEmbedding(RopeConfig(type="yarn", theta=1e4, factor=4.0, original_max_position=64),
+                             rot_dim, 512)
+    qkv = torch.randn(t, (nh + 2 * nkv) * dh).to(dtype) * 3
+    qk = qkv[:, : (nh + nkv) * dh].view(t, nh + nkv, dh)
+    v = qkv[:, (nh + nkv) * dh:].view(t, nkv, dh)
+    positions = torch.tensor([0, 5, 77, 300, 511])
+    slot_mapping = torch.tensor([3, 17, 40, 2, 63])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(native, "supports", lambda *x: False)
+        ref_qk = rotary(positions, qk.clone())
+    ref_k, ref_v = torch.zeros(2, 64, nkv, dh, dtype=dtype)
+    ref_k.index_copy_(0, slot_mapping, ref_qk[:, nh:])
+    ref_v.index_copy_(0, slot_mapping, v)
+    k_flat, v_flat = torch.zeros(2, 64, nkv, dh, dtype=dtype)
+    ops.rope_write_cache(qk, v, rotary.cos, rotary.sin, positions, slot_mapping, nh, k_flat, v_flat)
+    assert torch.equal(qk, ref_qk)          # elementwise, rounded as PyTorch rounds: bit for bit
+    assert torch.equal(k_flat, ref_k) and torch.equal(v_flat, ref_v)
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("MOESERVE_NATIVE_KERNELS", "0")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None and not native.supports(torch.ones(2))
+    finally:
+        monkeypatch.delenv("MOESERVE_NATIVE_KERNELS")
+        native.library.cache_clear()
+    assert native.library() is not None
+
+
+def test_build_failure_is_reported(tmp_path):
+    bad = tmp_path / "x.so"
+    with pytest.raises(RuntimeError, match="failed"):
+        native.build(native._compiler(), bad, march="no-such-cpu")
+    assert not bad.exists() and not list(tmp_path.iterdir())    # no half-written library left
