@@ -10,6 +10,7 @@
  * the last float32 bit: their summation order is not PyTorch's).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,57 +69,48 @@ static inline __m512 exp16(__m512 x) {
 }
 #endif
 
-/* scores[j] = scale * q . k_j for the n keys of a block, and their max.
- * exps: scores[j] = exp(scores[j] - m), returning their sum. */
-#define DEFINE_ATTN_HELPERS(SUFFIX, T)                                                          \
-static float block_scores_##SUFFIX(const float *qf, const T *k, const int64_t *slots, int64_t n,\
-                                   int64_t stride, int64_t d, float *scores) {                  \
-    float block_max = -INFINITY;                                                                \
-    for (int64_t j = 0; j < n; j++) {                                                           \
-        const T *kr = k + slots[j] * stride;                                                    \
-        float dot = 0.0f;                                                                       \
-        VEC_DOT(SUFFIX, qf, kr, d, dot);                                                        \
-        scores[j] = dot;                                                                        \
-        if (dot > block_max) block_max = dot;                                                   \
-    }                                                                                           \
-    return block_max;                                                                           \
-}                                                                                               \
-static void block_values_##SUFFIX(const float *p, const T *v, const int64_t *slots, int64_t n,  \
-                                  int64_t stride, int64_t d, float *acc) {                      \
-    for (int64_t j = 0; j < n; j++) {                                                           \
-        const T *vr = v + slots[j] * stride;                                                    \
-        VEC_AXPY(SUFFIX, p[j], vr, d, acc);                                                     \
-    }                                                                                           \
-}
-
 #ifdef __AVX512F__
 #define VEC_DOT(SUFFIX, qf, kr, d, dot)                                                         \
     if (d % 16 == 0) {                                                                          \
         __m512 vacc = _mm512_setzero_ps();                                                      \
         for (int64_t i = 0; i < d; i += 16)                                                     \
-            vacc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + i), load16_##SUFFIX(kr + i), vacc);     \
+            vacc = _mm512_fmadd_ps(_mm512_loadu_ps(qf + i), _mm512_loadu_ps(kr + i), vacc);     \
         dot = _mm512_reduce_add_ps(vacc);                                                       \
     } else {                                                                                    \
-        for (int64_t i = 0; i < d; i++) dot += qf[i] * SUFFIX##_load(kr[i]);                    \
+        for (int64_t i = 0; i < d; i++) dot += qf[i] * kr[i];                                   \
     }
-#define VEC_AXPY(SUFFIX, a, vr, d, acc)                                                         \
+#define VEC_AXPY(a, vr, d, acc)                                                                 \
     if (d % 16 == 0) {                                                                          \
         const __m512 va = _mm512_set1_ps(a);                                                    \
         for (int64_t i = 0; i < d; i += 16)                                                     \
-            _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(va, load16_##SUFFIX(vr + i), _mm512_loadu_ps(acc + i))); \
+            _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(vr + i), _mm512_loadu_ps(acc + i))); \
     } else {                                                                                    \
-        for (int64_t i = 0; i < d; i++) acc[i] += a * SUFFIX##_load(vr[i]);                     \
+        for (int64_t i = 0; i < d; i++) acc[i] += a * vr[i];                                    \
     }
 #else
 #define VEC_DOT(SUFFIX, qf, kr, d, dot)                                                         \
     _Pragma("omp simd reduction(+:dot)")                                                        \
-    for (int64_t i = 0; i < d; i++) dot += qf[i] * SUFFIX##_load(kr[i]);
-#define VEC_AXPY(SUFFIX, a, vr, d, acc)                                                         \
-    for (int64_t i = 0; i < d; i++) acc[i] += a * SUFFIX##_load(vr[i]);
+    for (int64_t i = 0; i < d; i++) dot += qf[i] * kr[i];
+#define VEC_AXPY(a, vr, d, acc)                                                                 \
+    for (int64_t i = 0; i < d; i++) acc[i] += a * vr[i];
 #endif
 
-DEFINE_ATTN_HELPERS(f32, float)
-DEFINE_ATTN_HELPERS(bf16, bf16)
+/* row [n] of a cache as float32 into out (n % 16 == 0 takes the vector path). */
+#define DEFINE_ROW_TO_F32(SUFFIX, T)                                                            \
+static inline void row_to_f32_##SUFFIX(const T *row, int64_t n, float *out) {                   \
+    ROW_CONVERT(SUFFIX, row, n, out)                                                            \
+}
+#ifdef __AVX512F__
+#define ROW_CONVERT(SUFFIX, row, n, out)                                                        \
+    int64_t i = 0;                                                                              \
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, load16_##SUFFIX(row + i));           \
+    for (; i < n; i++) out[i] = SUFFIX##_load(row[i]);
+#else
+#define ROW_CONVERT(SUFFIX, row, n, out)                                                        \
+    for (int64_t i = 0; i < n; i++) out[i] = SUFFIX##_load(row[i]);
+#endif
+DEFINE_ROW_TO_F32(f32, float)
+DEFINE_ROW_TO_F32(bf16, bf16)
 
 /* scores[j] = exp(scores[j] - m) for j < n; returns their sum. */
 static float exp_shifted(float *scores, int64_t n, float m) {
@@ -141,6 +133,54 @@ static float exp_shifted(float *scores, int64_t n, float m) {
     return sum;
 }
 
+/* One sequence's attention over context positions [lo, hi), every head at once: each position's
+ * key and value rows ([NKV, D], contiguous in the cache) are read once, in slot order, and
+ * converted once for the G query heads that share them. Leaves per head the running max m[h],
+ * the sum of exp(score - m) l[h] and the unnormalised output acc[h][D].
+ * Scratch: qf [NH, D] scaled queries, kv [NKV, D], scores [NH, ATTN_BLOCK]. */
+#define DEFINE_ATTEND_RANGE(SUFFIX, T)                                                          \
+static void attend_range_##SUFFIX(const float *qf, const T *k, const T *v, const int64_t *slots,\
+                                  int64_t lo, int64_t hi, int64_t nh, int64_t nkv, int64_t d,   \
+                                  float *kv, float *scores, float *m, float *l, float *acc) {   \
+    const int64_t g = nh / nkv, row = nkv * d;                                                  \
+    for (int64_t h = 0; h < nh; h++) { m[h] = -INFINITY; l[h] = 0.0f; }                         \
+    memset(acc, 0, sizeof(float) * nh * d);                                                     \
+    for (int64_t j0 = lo; j0 < hi; j0 += ATTN_BLOCK) {                                          \
+        const int64_t n = hi - j0 < ATTN_BLOCK ? hi - j0 : ATTN_BLOCK;                          \
+        for (int64_t j = 0; j < n; j++) {                                                       \
+            row_to_f32_##SUFFIX(k + slots[j0 + j] * row, row, kv);                              \
+            for (int64_t h = 0; h < nh; h++) {                                                  \
+                const float *qh = qf + h * d, *kh = kv + (h / g) * d;                           \
+                float dot = 0.0f;                                                               \
+                VEC_DOT(SUFFIX, qh, kh, d, dot);                                                \
+                scores[h * ATTN_BLOCK + j] = dot;                                               \
+            }                                                                                   \
+        }                                                                                       \
+        for (int64_t h = 0; h < nh; h++) {                                                      \
+            float *sh = scores + h * ATTN_BLOCK;                                                \
+            float block_max = -INFINITY;                                                        \
+            for (int64_t j = 0; j < n; j++) block_max = sh[j] > block_max ? sh[j] : block_max;  \
+            const float new_max = block_max > m[h] ? block_max : m[h];                          \
+            const float rescale = expf(m[h] - new_max);                                         \
+            if (rescale != 1.0f)                                                                \
+                for (int64_t i = 0; i < d; i++) acc[h * d + i] *= rescale;                      \
+            l[h] = l[h] * rescale + exp_shifted(sh, n, new_max);                                \
+            m[h] = new_max;                                                                     \
+        }                                                                                       \
+        for (int64_t j = 0; j < n; j++) {                                                       \
+            row_to_f32_##SUFFIX(v + slots[j0 + j] * row, row, kv);                              \
+            for (int64_t h = 0; h < nh; h++) {                                                  \
+                const float p = scores[h * ATTN_BLOCK + j];                                     \
+                const float *vh = kv + (h / g) * d;                                             \
+                float *ah = acc + h * d;                                                        \
+                VEC_AXPY(p, vh, d, ah);                                                         \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+}
+DEFINE_ATTEND_RANGE(f32, float)
+DEFINE_ATTEND_RANGE(bf16, bf16)
+
 /* Decode attention over a paged KV cache, no gather: each sequence's one query token attends to
  * its context positions [start, len) read in place through its slot list.
  *   q        [B, NH, D]          queries (this step's token of each sequence), rows q_stride apart
@@ -150,53 +190,67 @@ static float exp_shifted(float *scores, int64_t n, float m) {
  *   starts   [B] int64 or NULL   first attended position (sliding window / chunked attention)
  *   sinks    [NH] float32 or NULL  gpt-oss: a per-head logit in every softmax denominator
  *   out      [B, NH, D]
- * One task per (sequence, query head); softmax in float32 with a running max, rescaled once per
- * block of ATTN_BLOCK positions. */
+ * Tasks are (sequence, split): with fewer sequences than threads each context is split into
+ * `nsplit` ranges whose partial softmax states are merged at the end (flash-decoding). */
 #define DEFINE_DECODE_ATTENTION(SUFFIX, T)                                                      \
 void decode_attention_##SUFFIX(const T *q, int64_t q_stride, const T *k, const T *v,             \
                                const int64_t *slots, int64_t lmax, const int64_t *lens,         \
                                const int64_t *starts, const float *sinks, float scale,          \
                                int64_t batch, int64_t nh, int64_t nkv, int64_t d, T *out) {     \
-    const int64_t g = nh / nkv;                                                                 \
+    const int64_t threads = omp_get_max_threads();                                              \
+    const int64_t nsplit = batch >= threads ? 1 : (threads + batch - 1) / batch;               \
+    const int64_t tasks = batch * nsplit;                                                       \
+    float *part_m = malloc(sizeof(float) * tasks * nh);                                         \
+    float *part_l = malloc(sizeof(float) * tasks * nh);                                         \
+    float *part_acc = malloc(sizeof(float) * tasks * nh * d);                                   \
     _Pragma("omp parallel")                                                                     \
     {                                                                                           \
-        float qf[d], acc[d], scores[ATTN_BLOCK];                                                \
-        _Pragma("omp for collapse(2) schedule(static)")                                         \
-        for (int64_t b = 0; b < batch; b++) {                                                   \
-            for (int64_t h = 0; h < nh; h++) {                                                  \
-                const int64_t len = lens[b];                                                    \
-                int64_t start = starts ? starts[b] : 0;                                         \
-                if (start < 0) start = 0;                                                       \
-                const int64_t *seq_slots = slots + b * lmax;                                    \
-                const int64_t kv_offset = (h / g) * d;                                          \
-                const T *qh = q + b * q_stride + h * d;                                         \
-                for (int64_t i = 0; i < d; i++) qf[i] = SUFFIX##_load(qh[i]) * scale;           \
-                memset(acc, 0, sizeof(float) * d);                                              \
-                float run_max = -INFINITY, run_sum = 0.0f;                                      \
-                for (int64_t j0 = start; j0 < len; j0 += ATTN_BLOCK) {                          \
-                    const int64_t n = len - j0 < ATTN_BLOCK ? len - j0 : ATTN_BLOCK;            \
-                    const float block_max = block_scores_##SUFFIX(qf, k + kv_offset, seq_slots + j0, \
-                                                                  n, nkv * d, d, scores);       \
-                    const float new_max = block_max > run_max ? block_max : run_max;            \
-                    const float rescale = expf(run_max - new_max);                              \
-                    if (rescale != 1.0f)                                                        \
-                        for (int64_t i = 0; i < d; i++) acc[i] *= rescale;                      \
-                    run_sum = run_sum * rescale + exp_shifted(scores, n, new_max);              \
-                    run_max = new_max;                                                          \
-                    block_values_##SUFFIX(scores, v + kv_offset, seq_slots + j0, n, nkv * d, d, acc); \
-                }                                                                               \
-                float denom = run_sum, keep = 1.0f;                                             \
-                if (sinks) {                                                                    \
-                    const float new_max = sinks[h] > run_max ? sinks[h] : run_max;              \
-                    keep = expf(run_max - new_max);                                             \
-                    denom = denom * keep + expf(sinks[h] - new_max);                            \
-                }                                                                               \
-                const float factor = denom > 0.0f ? keep / denom : 0.0f;                        \
-                T *oh = out + (b * nh + h) * d;                                                 \
-                for (int64_t i = 0; i < d; i++) oh[i] = SUFFIX##_store(acc[i] * factor);        \
+        float *qf = malloc(sizeof(float) * nh * d);                                             \
+        float *kv = malloc(sizeof(float) * nkv * d);                                            \
+        float *scores = malloc(sizeof(float) * nh * ATTN_BLOCK);                                \
+        _Pragma("omp for schedule(static)")                                                     \
+        for (int64_t task = 0; task < tasks; task++) {                                          \
+            const int64_t b = task / nsplit, split = task % nsplit;                             \
+            const int64_t start = starts && starts[b] > 0 ? starts[b] : 0;                      \
+            const int64_t span = (lens[b] - start + nsplit - 1) / nsplit;                       \
+            const int64_t lo = start + split * span;                                            \
+            const int64_t hi = lo + span < lens[b] ? lo + span : lens[b];                       \
+            row_to_f32_##SUFFIX(q + b * q_stride, nh * d, qf);                                  \
+            for (int64_t i = 0; i < nh * d; i++) qf[i] *= scale;                                \
+            attend_range_##SUFFIX(qf, k, v, slots + b * lmax, lo, hi, nh, nkv, d, kv, scores,   \
+                                  part_m + task * nh, part_l + task * nh,                       \
+                                  part_acc + task * nh * d);                                    \
+        }                                                                                       \
+        free(qf);                                                                               \
+        free(kv);                                                                               \
+        free(scores);                                                                           \
+        _Pragma("omp for schedule(static)")                                                     \
+        for (int64_t bh = 0; bh < batch * nh; bh++) {                                           \
+            const int64_t b = bh / nh, h = bh % nh;                                             \
+            float m = sinks ? sinks[h] : -INFINITY;                                             \
+            for (int64_t s = 0; s < nsplit; s++) {                                              \
+                const float ms = part_m[(b * nsplit + s) * nh + h];                             \
+                m = ms > m ? ms : m;                                                            \
             }                                                                                   \
+            float denom = sinks ? expf(sinks[h] - m) : 0.0f;                                    \
+            float o[d];                                                                         \
+            memset(o, 0, sizeof(float) * d);                                                    \
+            for (int64_t s = 0; s < nsplit; s++) {                                              \
+                const int64_t t = (b * nsplit + s) * nh + h;                                    \
+                if (part_l[t] == 0.0f) continue;                                                \
+                const float w = expf(part_m[t] - m);                                            \
+                denom += part_l[t] * w;                                                         \
+                const float *a = part_acc + t * d;                                              \
+                for (int64_t i = 0; i < d; i++) o[i] += a[i] * w;                               \
+            }                                                                                   \
+            const float factor = denom > 0.0f ? 1.0f / denom : 0.0f;                            \
+            T *oh = out + (b * nh + h) * d;                                                     \
+            for (int64_t i = 0; i < d; i++) oh[i] = SUFFIX##_store(o[i] * factor);              \
         }                                                                                       \
     }                                                                                           \
+    free(part_m);                                                                               \
+    free(part_l);                                                                               \
+    free(part_acc);                                                                             \
 }
 
 DEFINE_DECODE_ATTENTION(f32, float)
