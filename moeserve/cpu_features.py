@@ -40,3 +40,8 @@ def cpu_has_vnni() -> bool:
     16-bit saturation of AVX2's vpmaddubsw, so int8 activations may use the full 8 bits."""
     flags = cpu_flags()
     return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def cpu_has_avx512_vnni() -> bool:
+    """512-bit VNNI (vpdpbusd on zmm): what moeserve's native int8 kernel is written for."""
+    return "avx512_vnni" in cpu_flags()

@@ -50,10 +50,10 @@ static inline __m512 load16_bf16(const bf16 *p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
-/* exp(x) for x <= 0 (softmax after subtracting the max): 2^n * p(r), r = x - n ln2 in
+/* exp(x) for x <= 0 (softmax, SiLU): 2^n * p(r), r = x - n ln2 in
  * [-ln2/2, ln2/2], p the degree-6 Taylor polynomial (relative error < 2e-7). */
 static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));   /* below: 0 (scalef gives subnormals down to here) */
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
@@ -325,3 +325,285 @@ void rope_write_cache_##SUFFIX(T *qk, int64_t qk_stride, const T *v, int64_t v_s
 
 DEFINE_ROPE_CACHE(f32, float)
 DEFINE_ROPE_CACHE(bf16, bf16)
+
+/* ---- Routed experts on the CPU: sort routes by expert, gather, SwiGLU, weighted combine ---- */
+
+/* Groups routes by local expert with a stable counting sort (the order torch.argsort(stable=True)
+ * gives over the local ids), routes of other ranks' experts or dropped by a capacity limit last.
+ *   ids [R] int64 global expert of each route (token-major: route r is token r / K)
+ *   kept [R] bool or NULL; first, num_local: this rank's experts [first, first + num_local)
+ *   order [R] int64 out: route indices grouped by expert; sizes [num_local + 1] int64 out. */
+void moe_sort_routes(const int64_t *ids, const uint8_t *kept, int64_t routes, int64_t first, int64_t num_local,
+                     int64_t *order, int64_t *sizes) {
+    int64_t next[num_local + 1];
+    memset(sizes, 0, sizeof(int64_t) * (num_local + 1));
+    for (int64_t r = 0; r < routes; r++) {
+        const int64_t e = ids[r] - first;
+        const int local = e >= 0 && e < num_local && (!kept || kept[r]);
+        sizes[local ? e : num_local]++;
+    }
+    int64_t offset = 0;
+    for (int64_t e = 0; e <= num_local; e++) { next[e] = offset; offset += sizes[e]; }
+    for (int64_t r = 0; r < routes; r++) {
+        const int64_t e = ids[r] - first;
+        const int local = e >= 0 && e < num_local && (!kept || kept[r]);
+        order[next[local ? e : num_local]++] = r;
+    }
+}
+
+/* out [n, H] (float32 or x's dtype) = rows order[i] / K of x [T, H] (rows x_stride apart). */
+#define DEFINE_GATHER_ROWS(SUFFIX, T)                                                           \
+void gather_rows_##SUFFIX(const T *x, int64_t x_stride, const int64_t *order, int64_t n, int64_t k, \
+                          int64_t h, int to_f32, void *out) {                                   \
+    for (int64_t i = 0; i < n; i++) {                                                           \
+        const T *src = x + (order[i] / k) * x_stride;                                           \
+        if (to_f32) row_to_f32_##SUFFIX(src, h, (float *)out + i * h);                          \
+        else memcpy((T *)out + i * h, src, sizeof(T) * h);                                      \
+    }                                                                                           \
+}
+DEFINE_GATHER_ROWS(f32, float)
+DEFINE_GATHER_ROWS(bf16, bf16)
+
+/* SwiGLU as F.silu(gate).mul_(up) computes it: gate_up [n, 2I] (gate columns, then up), out
+ * [n, I]; silu = g / (1 + exp(-g)) rounded to the dtype, then the product. */
+#ifdef __AVX512F__
+static inline __m512 silu16(__m512 g) {   /* exp16 takes x <= 0: exp(-|g|), then the identity for g < 0 */
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));   /* exp(-|g|) */
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __mmask16 neg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_LT_OQ);
+    /* g >= 0: g / (1 + e); g < 0: g * e / (1 + e)  (exp(-g) = 1 / e) */
+    const __m512 num = _mm512_mask_mul_ps(g, neg, g, e);
+    return _mm512_div_ps(num, _mm512_add_ps(one, e));
+}
+static inline __m512 round16_f32(__m512 v) { return v; }
+static inline __m512 round16_bf16(__m512 v) {   /* to the nearest bf16, kept as float32 */
+    __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+    return _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32((int)0xffff0000)));
+}
+static inline void store16_f32(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
+static inline void store16_bf16(bf16 *p, __m512 v) {   /* v already holds bf16 values */
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+#define SWIGLU_VECTOR(SUFFIX)                                                                   \
+    for (; i + 16 <= inter; i += 16) {                                                          \
+        const __m512 silu = round16_##SUFFIX(silu16(load16_##SUFFIX(gate + i)));                \
+        store16_##SUFFIX(o + i, round16_##SUFFIX(_mm512_mul_ps(silu, load16_##SUFFIX(up + i)))); \
+    }
+#else
+#define SWIGLU_VECTOR(SUFFIX)
+#endif
+#define DEFINE_SWIGLU(SUFFIX, T)                                                                \
+void swiglu_##SUFFIX(const T *gate_up, int64_t n, int64_t inter, T *out) {                      \
+    _Pragma("omp parallel for schedule(static) if (n * inter > 16384)")                         \
+    for (int64_t r = 0; r < n; r++) {                                                           \
+        const T *gate = gate_up + r * 2 * inter, *up = gate + inter;                            \
+        T *o = out + r * inter;                                                                 \
+        int64_t i = 0;                                                                          \
+        SWIGLU_VECTOR(SUFFIX)                                                                   \
+        for (; i < inter; i++) {                                                                \
+            const float g = SUFFIX##_load(gate[i]);                                             \
+            const float silu = SUFFIX##_round(g / (1.0f + expf(-g)));                           \
+            o[i] = SUFFIX##_store(silu * SUFFIX##_load(up[i]));                                 \
+        }                                                                                       \
+    }                                                                                           \
+}
+DEFINE_SWIGLU(f32, float)
+DEFINE_SWIGLU(bf16, bf16)
+
+/* The weighted sum of each token's routes, in float32 and in route order, then rounded once:
+ *   y [routed, H] expert outputs of the sorted routes (float32, or `y_bf16`); rows past `routed`
+ *   (other ranks' experts, dropped routes) count as zero. order [R] as moe_sort_routes gave it;
+ *   weights [R] float32 token-major, or NULL (Llama 4: the weight already scaled the input).
+ *   out [T, H] in the model dtype. */
+#define DEFINE_COMBINE(SUFFIX, T)                                                               \
+void moe_combine_##SUFFIX(const void *y, int y_bf16, int64_t routed, const int64_t *order,      \
+                          const float *weights, int64_t tokens, int64_t k, int64_t h, T *out) { \
+    int64_t *pos = malloc(sizeof(int64_t) * tokens * k);                                        \
+    for (int64_t i = 0; i < tokens * k; i++) pos[order[i]] = i;                                 \
+    _Pragma("omp parallel for schedule(static) if (tokens > 4)")                                \
+    for (int64_t t = 0; t < tokens; t++) {                                                      \
+        float acc[h];                                                                           \
+        memset(acc, 0, sizeof(float) * h);                                                      \
+        for (int64_t kk = 0; kk < k; kk++) {                                                    \
+            const int64_t p = pos[t * k + kk];                                                  \
+            if (p >= routed) continue;                                                          \
+            const float w = weights ? weights[t * k + kk] : 1.0f;                               \
+            if (y_bf16) {                                                                       \
+                const bf16 *yr = (const bf16 *)y + p * h;                                       \
+                for (int64_t i = 0; i < h; i++) acc[i] += (weights ? bf16_load(yr[i]) * w : bf16_load(yr[i])); \
+            } else {                                                                            \
+                const float *yr = (const float *)y + p * h;                                     \
+                for (int64_t i = 0; i < h; i++) acc[i] += (weights ? yr[i] * w : yr[i]);        \
+            }                                                                                   \
+        }                                                                                       \
+        T *o = out + t * h;                                                                     \
+        for (int64_t i = 0; i < h; i++) o[i] = SUFFIX##_store(acc[i]);                          \
+    }                                                                                           \
+    free(pos);                                                                                  \
+}
+DEFINE_COMBINE(f32, float)
+DEFINE_COMBINE(bf16, bf16)
+
+/* ---- int8 linear: int8 weights per output channel, activations quantized per row ----
+ *
+ * Weights are packed once as [N/16][K/4][16][4] int8: for each group of 16 output channels, each
+ * run of 4 inputs holds the 16 channels' 4 weights, the operand layout of AVX512-VNNI's vpdpbusd
+ * (16 lanes, each the sum of 4 u8 x s8 products). A row's activations are quantized
+ * symmetrically to s8 (scale = max|x| / 127, round to nearest even) and stored +128 as u8, so
+ *   sum_k x_u8 w = sum_k x_s8 w + 128 sum_k w,
+ * and the per-channel sum of weights (wsum) removes the offset. The output is
+ *   y[m, n] = (acc - 128 wsum[n]) * x_scale[m] * w_scale[n] (+ bias[n]).
+ * One scale per row, so a token's result does not depend on the rows beside it in the batch.
+ * N is padded to 16 and K to 4 with zero weights (their activations quantize to 128 = zero). */
+
+static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+/* w [N, K] int8 -> packed [N16/16][K4/4][16][4] (zero padded) and wsum [N16] int32. */
+void int8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *packed, int32_t *wsum) {
+    const int64_t n16 = round_up(n, 16), k4 = round_up(k, 4);
+    memset(packed, 0, (size_t)(n16 * k4));
+    for (int64_t o = 0; o < n16; o++) {
+        int32_t sum = 0;
+        if (o < n)
+            for (int64_t i = 0; i < k; i++) {
+                const int8_t v = w[o * k + i];
+                packed[((o / 16) * (k4 / 4) + i / 4) * 64 + (o % 16) * 4 + i % 4] = v;
+                sum += v;
+            }
+        wsum[o] = sum;
+    }
+}
+
+/* Row r of x (K values) -> xq (K4 bytes, u8 = s8 + 128, padding 128); returns its scale. */
+#define DEFINE_QUANTIZE_ROW(SUFFIX, T)                                                          \
+static float quantize_row_##SUFFIX(const T *x, int64_t k, int64_t k4, uint8_t *xq) {            \
+    float amax = 0.0f;                                                                          \
+    for (int64_t i = 0; i < k; i++) {                                                           \
+        const float a = fabsf(SUFFIX##_load(x[i]));                                             \
+        amax = a > amax ? a : amax;                                                             \
+    }                                                                                           \
+    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;                                     \
+    const float inv = 1.0f / scale;                                                             \
+    for (int64_t i = 0; i < k; i++) {                                                           \
+        float q = nearbyintf(SUFFIX##_load(x[i]) * inv);                                        \
+        q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);                                  \
+        xq[i] = (uint8_t)((int)q + 128);                                                        \
+    }                                                                                           \
+    for (int64_t i = k; i < k4; i++) xq[i] = 128;                                               \
+    return scale;                                                                               \
+}
+DEFINE_QUANTIZE_ROW(f32, float)
+DEFINE_QUANTIZE_ROW(bf16, bf16)
+
+/* acc[r][lane] for `rows` rows (<= 8) against one group of 16 channels. */
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+#define INT8_VNNI 1
+static inline __attribute__((always_inline)) void group_dot(const int8_t *wg, const uint8_t *xq, int64_t xq_stride,
+                                                            int64_t k4, const int rows, int32_t *acc) {
+    __m512i a[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; r++) a[r] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < k4 / 4; c++) {
+        const __m512i w = _mm512_loadu_si512((const void *)(wg + c * 64));
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; r++)
+            if (r < rows) {
+                int32_t x4;
+                memcpy(&x4, xq + r * xq_stride + c * 4, 4);
+                a[r] = _mm512_dpbusd_epi32(a[r], _mm512_set1_epi32(x4), w);
+            }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; r++)
+        if (r < rows) _mm512_storeu_si512((void *)(acc + r * 16), a[r]);
+}
+#endif
+
+static void group_dot_any(const int8_t *wg, const uint8_t *xq, int64_t xq_stride, int64_t k4, int rows,
+                          int32_t *acc) {
+#ifdef INT8_VNNI
+    switch (rows) {   /* constant row counts: the accumulators stay in registers */
+    case 8: group_dot(wg, xq, xq_stride, k4, 8, acc); return;
+    case 7: group_dot(wg, xq, xq_stride, k4, 7, acc); return;
+    case 6: group_dot(wg, xq, xq_stride, k4, 6, acc); return;
+    case 5: group_dot(wg, xq, xq_stride, k4, 5, acc); return;
+    case 4: group_dot(wg, xq, xq_stride, k4, 4, acc); return;
+    case 3: group_dot(wg, xq, xq_stride, k4, 3, acc); return;
+    case 2: group_dot(wg, xq, xq_stride, k4, 2, acc); return;
+    default: group_dot(wg, xq, xq_stride, k4, 1, acc); return;
+    }
+#else
+    for (int r = 0; r < rows; r++)
+        for (int lane = 0; lane < 16; lane++) {
+            int32_t sum = 0;
+            for (int64_t c = 0; c < k4 / 4; c++)
+                for (int j = 0; j < 4; j++)
+                    sum += (int32_t)xq[r * xq_stride + c * 4 + j] * (int32_t)wg[c * 64 + lane * 4 + j];
+            acc[r * 16 + lane] = sum;
+        }
+#endif
+}
+
+/* out[0..count) = (acc - 128 wsum) * x_scale * w_scale (+ bias) for one row and one group of 16
+ * channels (wsum / wscale / bias start at the group; count < 16 only for the last group). */
+#define DEFINE_DEQUANT(SUFFIX, T)                                                               \
+static inline void dequant_store_##SUFFIX(const int32_t *acc, const int32_t *wsum, const float *wscale, \
+                                          const float *bias, float x_scale, int count, T *out) { \
+    DEQUANT_VECTOR(SUFFIX)                                                                      \
+    for (int lane = 0; lane < count; lane++) {                                                  \
+        float v = (float)(acc[lane] - 128 * wsum[lane]) * (x_scale * wscale[lane]);            \
+        if (bias) v += bias[lane];                                                              \
+        out[lane] = SUFFIX##_store(v);                                                          \
+    }                                                                                           \
+}
+#ifdef __AVX512F__
+#define DEQUANT_VECTOR(SUFFIX)                                                                  \
+    if (count == 16) {                                                                          \
+        const __m512i a = _mm512_sub_epi32(_mm512_loadu_si512((const void *)acc),               \
+                                           _mm512_slli_epi32(_mm512_loadu_si512((const void *)wsum), 7)); \
+        __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(a),                                         \
+                                 _mm512_mul_ps(_mm512_set1_ps(x_scale), _mm512_loadu_ps(wscale))); \
+        if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias));                                  \
+        store16_##SUFFIX(out, round16_##SUFFIX(v));                                             \
+        return;                                                                                 \
+    }
+#else
+#define DEQUANT_VECTOR(SUFFIX)
+#endif
+DEFINE_DEQUANT(f32, float)
+DEFINE_DEQUANT(bf16, bf16)
+
+/* y [M, N] (rows N apart, x's dtype) = x [M, K] (rows x_stride apart) through a packed weight. */
+#define DEFINE_INT8_LINEAR(SUFFIX, T)                                                           \
+void int8_linear_##SUFFIX(const T *x, int64_t x_stride, int64_t m, int64_t k, const int8_t *packed, \
+                          const int32_t *wsum, const float *wscale, const float *bias, int64_t n, \
+                          T *y) {                                                               \
+    const int64_t k4 = round_up(k, 4), groups = round_up(n, 16) / 16;                           \
+    uint8_t *xq = malloc((size_t)(m * k4));                                                     \
+    float *xs = malloc(sizeof(float) * m);                                                      \
+    _Pragma("omp parallel")                                                                     \
+    {                                                                                           \
+        _Pragma("omp for schedule(static)")                                                     \
+        for (int64_t r = 0; r < m; r++) xs[r] = quantize_row_##SUFFIX(x + r * x_stride, k, k4, xq + r * k4); \
+        _Pragma("omp for schedule(static)")                                                     \
+        for (int64_t g = 0; g < groups; g++) {                                                  \
+            const int8_t *wg = packed + g * k4 * 16;                                            \
+            int32_t acc[8 * 16];                                                                \
+            for (int64_t r0 = 0; r0 < m; r0 += 8) {                                             \
+                const int rows = m - r0 < 8 ? (int)(m - r0) : 8;                                \
+                group_dot_any(wg, xq + r0 * k4, k4, k4, rows, acc);                             \
+                for (int r = 0; r < rows; r++)                                                  \
+                    dequant_store_##SUFFIX(acc + r * 16, wsum + g * 16, wscale + g * 16,        \
+                                           bias ? bias + g * 16 : NULL, xs[r0 + r],             \
+                                           n - g * 16 < 16 ? (int)(n - g * 16) : 16,            \
+                                           y + (r0 + r) * n + g * 16);                          \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    free(xq);                                                                                   \
+    free(xs);                                                                                   \
+}
+DEFINE_INT8_LINEAR(f32, float)
+DEFINE_INT8_LINEAR(bf16, bf16)

@@ -40,6 +40,15 @@ _SIGNATURES = {
     "decode_attention": (_P, _I, _P, _P, _P, _I, _P, _P, _P, _F, _I, _I, _I, _I, _P),
     "rms_norm": (_P, _I, _P, _F, _I, _I, _P),
     "rope_write_cache": (_P, _I, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P),
+    "gather_rows": (_P, _I, _P, _I, _I, _I, ctypes.c_int, _P),
+    "swiglu": (_P, _I, _I, _P),
+    "moe_combine": (_P, ctypes.c_int, _I, _P, _P, _I, _I, _I, _P),
+    "int8_linear": (_P, _I, _I, _I, _P, _P, _P, _P, _I, _P),
+}
+# Kernels without a dtype suffix.
+_PLAIN_SIGNATURES = {
+    "moe_sort_routes": (_P, _P, _I, _I, _I, _P, _P),
+    "int8_pack": (_P, _I, _I, _P, _P),
 }
 
 
@@ -91,9 +100,13 @@ class NativeKernels:
                 fn = getattr(self._lib, f"{name}_{suffix}")
                 fn.argtypes, fn.restype = argtypes, None
                 self._fns[name, suffix] = fn
+        for name, argtypes in _PLAIN_SIGNATURES.items():
+            fn = getattr(self._lib, name)
+            fn.argtypes, fn.restype = argtypes, None
+            self._fns[name, None] = fn
 
-    def fn(self, name: str, dtype: torch.dtype):
-        return self._fns[name, DTYPES[dtype]]
+    def fn(self, name: str, dtype: torch.dtype | None = None):
+        return self._fns[name, None if dtype is None else DTYPES[dtype]]
 
 
 @functools.cache

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import torch
 
+from moeserve.kernels.arena import huge_page_empty
 from moeserve.kernels.native import library
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+# A pointer is only valid while its tensor lives: take data_ptr() of a name that holds the
+# tensor across the call, never of a temporary (x.contiguous().data_ptr() may point at freed memory).
 
 
 def _need(cond: bool, what: str) -> None:
@@ -35,11 +39,12 @@ def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor
     if q.stride(2) != 1 or q.stride(1) != d:
         q = q.contiguous()
     starts = None if starts is None else starts.contiguous()
+    lens = lens.contiguous()
     sinks = None if sinks is None else sinks.float().contiguous()
     out = torch.empty(b, nh, d, dtype=q.dtype)
     library().fn("decode_attention", q.dtype)(
         q.data_ptr(), q.stride(0), k_flat.data_ptr(), v_flat.data_ptr(), slots.data_ptr(), slots.shape[1],
-        lens.contiguous().data_ptr(), _ptr(starts), _ptr(sinks), scale, b, nh, nkv, d, out.data_ptr())
+        lens.data_ptr(), _ptr(starts), _ptr(sinks), scale, b, nh, nkv, d, out.data_ptr())
     return out
 
 
@@ -69,7 +74,81 @@ def rope_write_cache(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: 
     _need(cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
           and rot % 2 == 0 and rot <= dh, "rotary tables")
     _need(positions.dtype == slot_mapping.dtype == torch.int64, "index dtypes")
+    positions, slot_mapping = positions.contiguous(), slot_mapping.contiguous()
     library().fn("rope_write_cache", qk.dtype)(
         qk.data_ptr(), qk.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(), sin.data_ptr(), rot,
-        positions.contiguous().data_ptr(), slot_mapping.contiguous().data_ptr(), t, num_heads, nkv, dh,
+        positions.data_ptr(), slot_mapping.data_ptr(), t, num_heads, nkv, dh,
         k_flat.data_ptr(), v_flat.data_ptr())
+
+
+def sort_routes(expert_ids: torch.Tensor, kept: torch.Tensor | None, first: int,
+                num_local: int) -> tuple[torch.Tensor, list[int]]:
+    """expert_ids [T, K] int64 (kept [T, K] bool or None) -> (order [R] int64: routes grouped
+    by local expert, stable, other ranks' and dropped routes last; sizes: num_local + 1 host ints)."""
+    ids = expert_ids.contiguous()
+    _need(ids.dtype == torch.int64, "expert ids dtype")
+    order = torch.empty(ids.numel(), dtype=torch.int64)
+    sizes = torch.empty(num_local + 1, dtype=torch.int64)
+    kept = None if kept is None else kept.contiguous()
+    library().fn("moe_sort_routes")(ids.data_ptr(), _ptr(kept), ids.numel(), first, num_local, order.data_ptr(),
+                                    sizes.data_ptr())
+    return order, sizes.tolist()
+
+
+def gather_rows(x: torch.Tensor, order: torch.Tensor, k: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """x [T, H] -> [rows, H] in `dtype` (x's dtype or float32): row i is x[order[i] // k]."""
+    _need(x.stride(1) == 1 and dtype in (x.dtype, torch.float32), "gather_rows layout")
+    out = torch.empty(rows, x.shape[1], dtype=dtype)
+    library().fn("gather_rows", x.dtype)(x.data_ptr(), x.stride(0), order.data_ptr(), rows, k, x.shape[1],
+                                         int(dtype != x.dtype or dtype == torch.float32), out.data_ptr())
+    return out
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """[n, 2I] gate columns then up columns -> silu(gate) * up [n, I]."""
+    _need(gate_up.is_contiguous(), "swiglu layout")
+    n, two_i = gate_up.shape
+    out = torch.empty(n, two_i // 2, dtype=gate_up.dtype)
+    library().fn("swiglu", gate_up.dtype)(gate_up.data_ptr(), n, two_i // 2, out.data_ptr())
+    return out
+
+
+def moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor | None, tokens: int, k: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """y [routed, H] (float32 or bf16) outputs of the first `routed` sorted routes; order [T*K];
+    weights [T, K] float32 or None -> [T, H] in `dtype`: each token's weighted sum of its routes."""
+    _need(y.is_contiguous() and y.dtype in (torch.float32, torch.bfloat16), "combine input")
+    w = None if weights is None else weights.contiguous()
+    _need(w is None or w.dtype == torch.float32, "combine weights")
+    out = torch.empty(tokens, y.shape[1], dtype=dtype)
+    library().fn("moe_combine", dtype)(y.data_ptr(), int(y.dtype == torch.bfloat16), y.shape[0], order.data_ptr(),
+                                       _ptr(w), tokens, k, y.shape[1], out.data_ptr())
+    return out
+
+
+def int8_pack(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] int8 -> (packed [ceil(N/16) * 16 * ceil(K/4) * 4] int8 in int8_linear's layout,
+    on huge pages (kernels/arena.py); wsum [ceil(N/16) * 16] int32 per-channel sums)."""
+    q = q.contiguous()
+    n, k = q.shape
+    n16, k4 = -(-n // 16) * 16, -(-k // 4) * 4
+    packed = huge_page_empty(n16 * k4, torch.int8)
+    wsum = torch.empty(n16, dtype=torch.int32)
+    library().fn("int8_pack")(q.data_ptr(), n, k, packed.data_ptr(), wsum.data_ptr())
+    return packed, wsum
+
+
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, wscale: torch.Tensor,
+                bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """x [..., K] (float32 / bf16, last dim contiguous) -> [..., N] in x's dtype, through
+    int8_pack's weight with per-channel scales wscale [N] float32 (bias [N] float32 or None);
+    activations quantized per row."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype)
+    library().fn("int8_linear", x.dtype)(x2.data_ptr(), x2.stride(0), m, k, packed.data_ptr(), wsum.data_ptr(),
+                                         wscale.data_ptr(), _ptr(bias), n, out.data_ptr())
+    return out.view(*x.shape[:-1], n)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.kernels import native, ops
 from moeserve.layers.linear import PackedWeight, WeightFormat, linear, pack_weight
 from moeserve.layers.routing import Routing
 from moeserve.models.config import ExpertActivation
@@ -68,12 +69,12 @@ class Experts(nn.Module):
         self.intermediate = intermediate
         # After pack(): one packed weight per local expert, and w13 / w2 are None.
         self.packed: dict[str, list[PackedWeight]] = {}
-        self.int8 = False     # packed as int8: small batches then run in float32 (see _per_expert)
+        self.float32_io = False   # packed for an int8 kernel with float32 in and out: small batches then run in float32 (see _per_expert)
 
     def pack(self, name: str, stacked: torch.Tensor, fmt: WeightFormat) -> None:
         """Keeps w13 or w2 ([E_local, out, in]) only as one packed weight per expert."""
         self.packed[name] = [pack_weight(w, fmt) for w in stacked]
-        self.int8 = fmt.is_int8
+        self.float32_io = fmt.computes_in_float32
         setattr(self, name, None)
 
     def _matmul(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +85,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         # x [T, H] -> [T, H]: sum over each token's routes of weight * expert(x)
         t, k = routing.expert_ids.shape
+        if not self.weight_input and native.supports(x):
+            return self._forward_native(x, routing)
         if t == 1 and x.device.type == "cpu" and self.holds_all and not routing.capacity_limited:
             return self._one_token(x, routing)
         local_ids = self._local_ids(routing)                                      # [R], sentinel E_local
@@ -107,12 +110,25 @@ class Experts(nn.Module):
         by_token = torch.empty_like(weighted).index_copy_(0, order, weighted)
         return by_token.view(t, k, -1).sum(1).to(x.dtype)
 
+    def _forward_native(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """forward() on the CPU with the native kernels: sort, gather, SwiGLU and the weighted
+        combine are one call each (the same results; PyTorch spends ~12 small ops on them).
+        Only the routed rows are gathered and computed."""
+        t, k = routing.expert_ids.shape
+        kept = routing.kept if routing.capacity_limited else None
+        order, sizes = ops.sort_routes(routing.expert_ids, kept, self.first_expert, self.num_local)   # [R]
+        routed = t * k - sizes[-1]
+        compute = torch.float32 if self.float32_io and routed <= _INT8_FLOAT32_MAX_ROUTES else x.dtype
+        x_sorted = ops.gather_rows(x, order, k, routed, compute)                  # [routed, H]
+        out_sorted = self._per_expert(x_sorted, sizes)                            # [routed, H]
+        return ops.moe_combine(out_sorted, order, routing.weights, t, k, x.dtype)  # [T, H]
+
     def _one_token(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """A single token (a one-stream decode): its K experts in turn, with none of the sorting
         and scattering a batch needs (half the small ops of a decode step's MoE layers). The
         same products, summed in float32 in the same route order as forward()."""
         scales = routing.weights[0].to(x.dtype) if self.weight_input else None   # [K], as forward() rounds them
-        compute = torch.float32 if self.int8 else x.dtype     # as _per_expert at decode sizes
+        compute = torch.float32 if self.float32_io else x.dtype     # as _per_expert at decode sizes
         x_in = x.to(compute)
         total = None
         for i, (e, weight) in enumerate(zip(routing.expert_ids[0].tolist(), routing.weights[0].tolist())):
@@ -193,7 +209,7 @@ class Experts(nn.Module):
         Rows past the local experts' (other ranks', dropped) are zero."""
         sizes = sizes[: self.num_local]
         routed = sum(sizes)
-        if self.int8 and routed <= _INT8_FLOAT32_MAX_ROUTES:
+        if self.float32_io and routed <= _INT8_FLOAT32_MAX_ROUTES:
             x_sorted = x_sorted.float()
         slices = list(self._slices(sizes))
         if not slices:
@@ -201,7 +217,9 @@ class Experts(nn.Module):
         # One cat of the experts' outputs rather than a slice assignment each: 16 experts a layer
         # at batch 16 made that 32 small copies a layer.
         gate_up = _cat([self._matmul("w13", e, x_sorted[start:end]) for e, start, end in slices])  # [routed, 2I]
-        if self.plain_swiglu:
+        if self.plain_swiglu and native.supports(gate_up):
+            hidden = ops.swiglu(gate_up)                                                       # [routed, I]
+        elif self.plain_swiglu:
             hidden = F.silu(gate_up[:, : self.intermediate]).mul_(gate_up[:, self.intermediate:])  # [routed, I]
         else:
             local_sizes = torch.tensor(sizes)

@@ -149,3 +149,91 @@ def test_build_failure_is_reported(tmp_path):
     with pytest.raises(RuntimeError, match="failed"):
         native.build(native._compiler(), bad, march="no-such-cpu")
     assert not bad.exists() and not list(tmp_path.iterdir())    # no half-written library left
+
+
+# --- routed experts ---------------------------------------------------------------------------
+
+def test_sort_routes_matches_stable_argsort(kernels):
+    torch.manual_seed(4)
+    ids = torch.randint(0, 16, (37, 3))
+    kept = torch.rand(37, 3) > 0.2
+    first, num_local = 4, 8                                      # this rank holds experts 4..11
+    order, sizes = ops.sort_routes(ids, kept, first, num_local)
+    local = ids.flatten() - first
+    is_local = (local >= 0) & (local < num_local) & kept.flatten()
+    local = torch.where(is_local, local, num_local)
+    assert torch.equal(order, local.argsort(stable=True))
+    assert sizes == torch.bincount(local, minlength=num_local + 1).tolist()
+    order, sizes = ops.sort_routes(ids, None, 0, 16)             # every expert here, nothing dropped
+    assert torch.equal(order, ids.flatten().argsort(stable=True)) and sizes[-1] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_swiglu_combine_match_torch(kernels, dtype):
+    torch.manual_seed(5)
+    t, k, h, inter = 9, 2, 48, 40
+    x = torch.randn(t, h + 8).to(dtype)[:, :h]                   # strided rows
+    order = torch.randperm(t * k)
+    routed = t * k - 3                                           # the last 3 sorted routes computed elsewhere
+    for out_dtype in {dtype, torch.float32}:
+        rows = ops.gather_rows(x, order, k, routed, out_dtype)
+        assert torch.equal(rows, x[order[:routed] // k].to(out_dtype))
+    gate_up = (torch.randn(routed, 2 * inter) * 3).to(dtype)
+    ref = F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:])
+    got = ops.swiglu(gate_up)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    else:   # silu rounded to bf16 first: at most a rare last-bit difference
+        assert (got != ref).float().mean() < 0.01
+        torch.testing.assert_close(got.float(), ref.float(), atol=0.0, rtol=2 ** -7)
+    y = torch.randn(routed, h).to(dtype)
+    weights = torch.rand(t, k)
+    padded = torch.cat((y.float(), torch.zeros(3, h)))            # routes not computed here count as zero
+    expected = torch.empty_like(padded).index_copy_(0, order, padded * weights.flatten()[order, None])
+    expected = expected.view(t, k, h).sum(1).to(dtype)
+    assert torch.equal(ops.moe_combine(y, order, weights, t, k, dtype), expected)
+    unweighted = torch.empty_like(padded).index_copy_(0, order, padded).view(t, k, h).sum(1).to(dtype)
+    assert torch.equal(ops.moe_combine(y, order, None, t, k, dtype), unweighted)
+
+
+# --- int8 linear ------------------------------------------------------------------------------
+
+def _int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
+    """The kernel's arithmetic in float64: per-row symmetric s8 activations (float32 scale and
+    rounding, as the kernel), exact integer sums, both scales, bias."""
+    xf = x.float()
+    x_scale = xf.abs().amax(-1, keepdim=True) / 127
+    x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
+    xq = torch.round(xf * (1 / x_scale)).clamp(-127, 127)
+    y = (xq.double() @ q.double().t()) * (x_scale * scale).double()
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 70])
+@pytest.mark.parametrize("n,k", [(64, 256), (50, 37)])          # 50 x 37: both padded (N to 16, K to 4)
+def test_int8_linear_matches_integer_reference(kernels, dtype, rows, n, k):
+    from moeserve.layers.linear import quantize_per_channel
+    torch.manual_seed(rows + n)
+    q, scale = quantize_per_channel(torch.randn(n, k))
+    packed, wsum = ops.int8_pack(q)
+    x = (torch.randn(rows, k) * 2 + 0.5).to(dtype)
+    x[0] = 0.0                                                    # an all-zero row
+    bias = torch.randn(n)
+    y = ops.int8_linear(x, packed, wsum, scale, bias, n)
+    assert y.dtype == dtype and y.shape == (rows, n)
+    ref = _int8_reference(x, q, scale, bias)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+    torch.testing.assert_close(y.double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+    # A row's result does not depend on the rows beside it.
+    torch.testing.assert_close(ops.int8_linear(x[-1:], packed, wsum, scale, bias, n), y[-1:], atol=0, rtol=0)
+
+
+def test_int8_pack_layout():
+    q = torch.arange(-60, 60, dtype=torch.int8).view(20, 6)       # N = 20 -> 32, K = 6 -> 8
+    packed, wsum = ops.int8_pack(q)
+    assert packed.numel() == 32 * 8 and wsum.tolist()[:20] == q.sum(1).tolist() and wsum[20:].eq(0).all()
+    blocks = packed.view(2, 2, 16, 4)                             # [N/16][K/4][16][4]
+    assert blocks[1, 0, 3].tolist() == q[19, 0:4].tolist()
+    assert blocks[0, 1, 2].tolist() == q[2, 4:6].tolist() + [0, 0]
+    assert blocks[1, 1, 5].eq(0).all()                            # past N: zero weights

@@ -16,7 +16,8 @@ from checkpoints import ARCHITECTURES
 from moeserve.config import EngineConfig
 from moeserve.cpu_features import cpu_has_amx_int8
 from moeserve.errors import ConfigError
-from moeserve.layers.linear import Int8Weight, WeightFormat, quantize_per_channel
+from moeserve.kernels import native
+from moeserve.layers.linear import Int8Weight, NativeInt8Weight, WeightFormat, pack_weight, quantize_per_channel
 from moeserve.llm import LLM
 from moeserve.models.loader import load_model
 from moeserve.request import SamplingParams
@@ -26,7 +27,9 @@ from quant_quality import teacher_forced_compare  # noqa: E402
 
 INT8_FORMATS = [WeightFormat.INT8_FBGEMM] + (
     [WeightFormat.INT8_ONEDNN] if "onednn" in torch.backends.quantized.supported_engines else []) + (
-    [WeightFormat.INT8_FBGEMM_AMX] if cpu_has_amx_int8() else [])
+    [WeightFormat.INT8_FBGEMM_AMX] if cpu_has_amx_int8() else []) + (
+    [WeightFormat.INT8_NATIVE] if native.library() is not None else [])   # portable loops without VNNI
+INT8_WEIGHTS = (Int8Weight, NativeInt8Weight)   # what --quantization int8 packs, by CPU
 F32 = dict(dtype=torch.float32, pack=False)
 INT8 = dict(dtype=torch.float32, quantization="int8")
 WORKLOAD = dict(num_prompts=8, prompt_len=16, gen_len=8)
@@ -58,25 +61,25 @@ def test_int8_structure(mixtral_dir):
     model = load_model(mixtral_dir, torch.float32, progress=False, quantization="int8")
     for layer in model.layers:
         for lin in (layer.attn.qkv, layer.attn.o):
-            assert isinstance(lin.packed, Int8Weight) and lin.weight is None
+            assert isinstance(lin.packed, INT8_WEIGHTS) and lin.weight is None
         experts = layer.moe.experts
         for name in ("w13", "w2"):
             assert len(experts.packed[name]) == model.cfg.num_experts
-            assert all(isinstance(w, Int8Weight) for w in experts.packed[name])
+            assert all(isinstance(w, INT8_WEIGHTS) for w in experts.packed[name])
             assert getattr(experts, name) is None
         assert layer.moe.router.packed is None and layer.moe.router.weight.dtype == torch.float32
     assert model.lm_head.packed is None and model.lm_head.weight.dtype == torch.float32
     assert model.embed.weight.dtype == torch.float32
 
     quant_head = load_model(mixtral_dir, torch.float32, progress=False, quantization="int8", quantize_lm_head=True)
-    assert isinstance(quant_head.lm_head.packed, Int8Weight) and quant_head.lm_head.weight is None
+    assert isinstance(quant_head.lm_head.packed, INT8_WEIGHTS) and quant_head.lm_head.weight is None
     assert quant_head.embed.weight.dtype == torch.float32
 
 
 def test_tied_lm_head_gets_its_own_int8_copy(make_checkpoint):
     model_dir = make_checkpoint("int8_tied", "mixtral", tie_word_embeddings=True)
     model = load_model(model_dir, torch.float32, progress=False, quantization="int8", quantize_lm_head=True)
-    assert isinstance(model.lm_head.packed, Int8Weight) and model.lm_head.weight is None
+    assert isinstance(model.lm_head.packed, INT8_WEIGHTS) and model.lm_head.weight is None
     assert model.embed.weight is not None and model.embed.weight.dtype == torch.float32
     ref = load_model(model_dir, torch.float32, progress=False, pack=False)
     hidden = torch.randn(4, model.cfg.hidden_size)
@@ -88,8 +91,8 @@ def test_dense_and_shared_mlps_are_int8(make_checkpoint):
     dense = model.layers[1].mlp                         # mlp_only_layers=[1]
     shared = model.layers[0].moe.shared
     for lin in (dense.gate_up, dense.down, shared.gate_up, shared.down):
-        assert isinstance(lin.packed, Int8Weight) and lin.weight is None
-    assert not isinstance(model.layers[0].moe.shared_gate.packed, Int8Weight)
+        assert isinstance(lin.packed, INT8_WEIGHTS) and lin.weight is None
+    assert not isinstance(model.layers[0].moe.shared_gate.packed, INT8_WEIGHTS)
 
 
 # --- the kernels against the quantization steps ------------------------------------------------
@@ -108,23 +111,30 @@ def test_quantize_per_channel_round_trip():
     assert (q.abs().amax(dim=1)[torch.arange(48) != 9] == 127).all()     # every row uses the full range
 
 
-def _int8_bound(x: torch.Tensor, w: torch.Tensor, reduce_range: bool) -> torch.Tensor:
+def _activation_step(x: torch.Tensor, fmt: WeightFormat, reduce_range: bool) -> torch.Tensor:
+    """The activation quantization step: one asymmetric u8 scale per call (fbgemm, oneDNN), or
+    one symmetric s8 scale per row (native) -> [] or [n, 1] float64."""
+    x64 = x.double()
+    if fmt is WeightFormat.INT8_NATIVE:
+        return x64.abs().amax(-1, keepdim=True) / 127
+    return (x64.max().clamp_min(0) - x64.min().clamp_max(0)) / (127 if reduce_range else 255)
+
+
+def _int8_bound(x: torch.Tensor, w: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
     """|int8(x) - x @ w.T| per output, from the steps: weight s_w / 2 per element (per output
-    channel), activation s_x / 2 per element (one asymmetric u8 scale per call) -> [n, out]."""
+    channel), activation s_x / 2 per element -> [n, out]."""
     _, s_w = quantize_per_channel(w)                                             # [out]
     x64, w64 = x.double(), w.double()
-    s_x = (x64.max().clamp_min(0) - x64.min().clamp_max(0)) / (127 if reduce_range else 255)
     weight_term = x64.abs().sum(-1, keepdim=True) * s_w.double() / 2             # [n, out]
     act_term = s_x / 2 * w64.abs().sum(-1)                                       # [out]
     cross = x.shape[-1] * s_x * s_w.double() / 4                                 # [out]
     return weight_term + (act_term + cross + s_x * s_w.double())                 # + one step of rounding slack
 
 
-def _rounding_rms(x: torch.Tensor, w: torch.Tensor, reduce_range: bool) -> torch.Tensor:
+def _rounding_rms(x: torch.Tensor, w: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
     """The error's expected RMS if every rounding is uniform noise (variance step^2 / 12)."""
     _, s_w = quantize_per_channel(w)
     x64, w64 = x.double(), w.double()
-    s_x = (x64.max().clamp_min(0) - x64.min().clamp_max(0)) / (127 if reduce_range else 255)
     var = (x64 ** 2).sum(-1, keepdim=True) * s_w.double() ** 2 / 12 + (w64 ** 2).sum(-1) * s_x ** 2 / 12  # [n, out]
     if x.dtype == torch.bfloat16:
         var = var + (F.linear(x64, w64) * 2 ** -9) ** 2 / 3                      # bf16 output rounding
@@ -142,19 +152,21 @@ def test_int8_weight_matches_linear(monkeypatch, fmt, vnni, rows, dtype):
     gen = torch.Generator().manual_seed(rows)
     w = torch.randn(96, 256, generator=gen) * 0.05                              # [out, in]
     x = (torch.randn(rows, 256, generator=gen) + 0.3).to(dtype)                 # [n, in], skewed
-    packed = Int8Weight(w, fmt)
-    assert packed.reduce_range == (fmt is WeightFormat.INT8_FBGEMM and not vnni)
+    packed = pack_weight(w, fmt)
+    reduce_range = getattr(packed, "reduce_range", False)
+    assert reduce_range == (fmt is WeightFormat.INT8_FBGEMM and not vnni)
+    s_x = _activation_step(x, fmt, reduce_range)
     y = packed(x)
     assert y.dtype == dtype and y.shape == (rows, 96)
     exact = F.linear(x.double(), w.double())                                    # [n, out]
-    bound = _int8_bound(x, w, packed.reduce_range)
+    bound = _int8_bound(x, w, s_x)
     if dtype == torch.bfloat16:
         bound = bound + exact.abs() * 2 ** -8                                   # the bf16 output rounding
     err = (y.double() - exact).abs()
     assert (err <= bound).all(), f"max err/bound {(err / bound).max():.3g}"
     # The worst case is ~10x loose; the RMS is within 15% of the rounding-noise model (measured).
     rms = err.pow(2).mean().sqrt()
-    assert rms < 1.5 * _rounding_rms(x, w, packed.reduce_range), f"rms {rms:.3g}"
+    assert rms < 1.5 * _rounding_rms(x, w, s_x), f"rms {rms:.3g}"
 
 
 # --- quality, teacher-forced --------------------------------------------------------------------
