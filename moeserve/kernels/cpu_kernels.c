@@ -607,3 +607,91 @@ void int8_linear_##SUFFIX(const T *x, int64_t x_stride, int64_t m, int64_t k, co
 }
 DEFINE_INT8_LINEAR(f32, float)
 DEFINE_INT8_LINEAR(bf16, bf16)
+
+/* ---- bf16 linear: AVX512-BF16 (vdpbf16ps), weights packed on huge pages ----
+ *
+ * Weights packed once as [N/16][K/2][16][2] bf16: for each group of 16 output channels, each
+ * pair of inputs holds the 16 channels' 2 weights, the operand layout of vdpbf16ps (16 float32
+ * lanes, each += the sum of 2 bf16 products). Rows of x (bf16) are read two values at a time
+ * and broadcast; sums in float32; the output rounded to bf16 once. N is padded to 16 and K to 2
+ * with zeros. */
+
+/* w [N, K] bf16 -> packed [N16/16][K2/2][16][2] (zero padded). */
+void bf16_pack(const bf16 *w, int64_t n, int64_t k, bf16 *packed) {
+    const int64_t n16 = round_up(n, 16), k2 = round_up(k, 2);
+    memset(packed, 0, sizeof(bf16) * (size_t)(n16 * k2));
+    for (int64_t o = 0; o < n; o++)
+        for (int64_t i = 0; i < k; i++)
+            packed[((o / 16) * (k2 / 2) + i / 2) * 32 + (o % 16) * 2 + i % 2] = w[o * k + i];
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define BF16_DP 1
+static inline __attribute__((always_inline)) void group_dot_bf16(const bf16 *wg, const bf16 *x, int64_t x_stride,
+                                                                 int64_t k2, const int rows, float *acc) {
+    __m512 a[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; r++) a[r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k2 / 2; c++) {
+        const __m512bh w = (__m512bh)_mm512_loadu_si512((const void *)(wg + c * 32));
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; r++)
+            if (r < rows) {
+                int32_t x2;
+                memcpy(&x2, x + r * x_stride + c * 2, 4);
+                a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_set1_epi32(x2), w);
+            }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; r++)
+        if (r < rows) _mm512_storeu_ps(acc + r * 16, a[r]);
+}
+#endif
+
+static void group_dot_bf16_any(const bf16 *wg, const bf16 *x, int64_t x_stride, int64_t k2, int rows, float *acc) {
+#ifdef BF16_DP
+    switch (rows) {
+    case 8: group_dot_bf16(wg, x, x_stride, k2, 8, acc); return;
+    case 7: group_dot_bf16(wg, x, x_stride, k2, 7, acc); return;
+    case 6: group_dot_bf16(wg, x, x_stride, k2, 6, acc); return;
+    case 5: group_dot_bf16(wg, x, x_stride, k2, 5, acc); return;
+    case 4: group_dot_bf16(wg, x, x_stride, k2, 4, acc); return;
+    case 3: group_dot_bf16(wg, x, x_stride, k2, 3, acc); return;
+    case 2: group_dot_bf16(wg, x, x_stride, k2, 2, acc); return;
+    default: group_dot_bf16(wg, x, x_stride, k2, 1, acc); return;
+    }
+#else
+    for (int r = 0; r < rows; r++)
+        for (int lane = 0; lane < 16; lane++) {
+            float sum = 0.0f;
+            for (int64_t c = 0; c < k2 / 2; c++)
+                for (int j = 0; j < 2; j++)
+                    sum += bf16_to_f32(x[r * x_stride + c * 2 + j]) * bf16_to_f32(wg[c * 32 + lane * 2 + j]);
+            acc[r * 16 + lane] = sum;
+        }
+#endif
+}
+
+/* y [M, N] bf16 = x [M, K] bf16 (rows x_stride apart, K even or the row padded by the caller)
+ * through bf16_pack's weight (+ bias [N] float32). */
+void bf16_linear(const bf16 *x, int64_t x_stride, int64_t m, int64_t k, const bf16 *packed, const float *bias,
+                 int64_t n, bf16 *y) {
+    const int64_t k2 = round_up(k, 2), groups = round_up(n, 16) / 16;
+    _Pragma("omp parallel for schedule(static)")
+    for (int64_t g = 0; g < groups; g++) {
+        const bf16 *wg = packed + g * k2 * 16;
+        float acc[8 * 16];
+        for (int64_t r0 = 0; r0 < m; r0 += 8) {
+            const int rows = m - r0 < 8 ? (int)(m - r0) : 8;
+            group_dot_bf16_any(wg, x + r0 * x_stride, x_stride, k2, rows, acc);
+            const int count = n - g * 16 < 16 ? (int)(n - g * 16) : 16;
+            for (int r = 0; r < rows; r++) {
+                bf16 *yr = y + (r0 + r) * n + g * 16;
+                for (int lane = 0; lane < count; lane++) {
+                    const float v = acc[r * 16 + lane] + (bias ? bias[g * 16 + lane] : 0.0f);
+                    yr[lane] = f32_to_bf16(v);
+                }
+            }
+        }
+    }
+}

@@ -152,3 +152,24 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, wscal
     library().fn("int8_linear", x.dtype)(x2.data_ptr(), x2.stride(0), m, k, packed.data_ptr(), wsum.data_ptr(),
                                          wscale.data_ptr(), _ptr(bias), n, out.data_ptr())
     return out.view(*x.shape[:-1], n)
+
+
+def bf16_pack(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] -> bf16 [ceil(N/16) * 16 * (K + K % 2)] in bf16_linear's layout, on huge pages."""
+    w = w.to(torch.bfloat16).contiguous()
+    n, k = w.shape
+    packed = huge_page_empty(-(-n // 16) * 16 * (k + k % 2), torch.bfloat16)
+    library().fn("bf16_pack")(w.data_ptr(), n, k, packed.data_ptr())
+    return packed
+
+
+def bf16_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """x [..., K] bf16 -> [..., N] bf16 through bf16_pack's weight (bias [N] float32 or None)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1 or k % 2:
+        x2 = x2.contiguous() if k % 2 == 0 else torch.nn.functional.pad(x2, (0, 1))
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    library().fn("bf16_linear")(x2.data_ptr(), x2.stride(0), m, k, packed.data_ptr(), _ptr(bias), n, out.data_ptr())
+    return out.view(*x.shape[:-1], n)

@@ -24,6 +24,11 @@ machine by `choose_format` from what was measured (scripts/bench_linear_kernels.
   neighbours), bf16 or float32 in and out with no conversion ops. Against fbgemm on a Zen 4
   EPYC (2 threads, weights in cache): 1.5-1.9x at 1 row, 1.2-1.5x at 4-16 rows, 1.0-1.1x at
   128-512 rows (scripts/bench_linear_kernels.py).
+- bfloat16 on a CPU with AVX512-BF16 but no AMX, where the native kernels build (NATIVE_BF16):
+  moeserve's vdpbf16ps kernel over weights packed on huge pages. About oneDNN's speed with the
+  weights in cache (0.8-1.2x), faster streaming them from DRAM at decode sizes (the huge pages).
+  With AMX, oneDNN's tile kernels win at prefill and stay. MOESERVE_BF16_KERNEL=onednn|native
+  overrides.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.cpu_features import cpu_has_amx_int8, cpu_has_avx512_vnni, cpu_has_fast_bf16, cpu_has_vnni
+from moeserve.cpu_features import (cpu_flags, cpu_has_amx_bf16, cpu_has_amx_int8, cpu_has_avx512_vnni,
+                                   cpu_has_fast_bf16, cpu_has_vnni)
 from moeserve.kernels import native, ops
 
 
@@ -102,6 +108,7 @@ class WeightFormat(enum.Enum):
     INT8_FBGEMM = "int8_fbgemm"  # int8, fbgemm kernel (any x86 CPU with AVX2)
     INT8_FBGEMM_AMX = "int8_fbgemm_amx"  # int8, fbgemm below 32 rows, oneDNN's AMX kernel from 32
     INT8_NATIVE = "int8_native"  # int8, moeserve's VNNI kernel, per-row activation scales
+    NATIVE_BF16 = "native_bf16"  # bf16, moeserve's AVX512-BF16 kernel, weights on huge pages
 
     @property
     def is_int8(self) -> bool:
@@ -132,9 +139,21 @@ def choose_format(dtype: torch.dtype, device: torch.device, quantize_int8: bool)
         if "fbgemm" in engines:
             return WeightFormat.INT8_FBGEMM
         raise ValueError(f"this torch build has no x86 int8 kernel (quantized engines: {engines})")
-    if dtype == torch.bfloat16 and cpu_has_fast_bf16() and _ONEDNN_LINEAR is not None:
-        return WeightFormat.ONEDNN_BF16
+    if dtype == torch.bfloat16 and cpu_has_fast_bf16():
+        return _bf16_format()
     return WeightFormat.PLAIN
+
+
+def _bf16_format() -> WeightFormat:
+    forced = os.environ.get("MOESERVE_BF16_KERNEL")     # see the module doc
+    native_ok = native.library() is not None
+    if forced not in (None, "", "onednn", "native") or (forced == "native" and not native_ok) \
+            or (forced == "onednn" and _ONEDNN_LINEAR is None):
+        raise ValueError(f"MOESERVE_BF16_KERNEL={forced}: expected onednn or native, one this machine has "
+                         f"(native kernels built: {native_ok}, oneDNN: {_ONEDNN_LINEAR is not None})")
+    if forced == "native" or (not forced and native_ok and "avx512_bf16" in cpu_flags() and not cpu_has_amx_bf16()):
+        return WeightFormat.NATIVE_BF16
+    return WeightFormat.ONEDNN_BF16 if _ONEDNN_LINEAR is not None else WeightFormat.PLAIN
 
 
 def _forced_int8_format(name: str, engines: list[str]) -> WeightFormat:
@@ -258,6 +277,20 @@ def _uint8_view(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
 
 
+class NativeBF16Weight(PackedWeight):
+    """bf16 weights in moeserve's vdpbf16ps layout on huge pages (kernels/ops.bf16_pack)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.out_features = weight.shape[0]
+        self.packed = ops.bf16_pack(weight)
+        self.nbytes = self.packed.numel() * 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:     # [..., in] -> [..., out], x's dtype
+        if x.dtype == torch.bfloat16:
+            return ops.bf16_linear(x, self.packed, None, self.out_features)
+        return ops.bf16_linear(x.to(torch.bfloat16), self.packed, None, self.out_features).to(x.dtype)
+
+
 class NativeInt8Weight(PackedWeight):
     """int8 weights, per-output-channel scales, in moeserve's VNNI layout (kernels/ops.int8_pack);
     activations quantized per row inside the kernel. Any float dtype in, the same dtype out."""
@@ -280,6 +313,8 @@ def pack_weight(weight: torch.Tensor, fmt: WeightFormat) -> PackedWeight:
         return OneDNNBF16Weight(weight)
     if fmt is WeightFormat.INT8_NATIVE:
         return NativeInt8Weight(weight)
+    if fmt is WeightFormat.NATIVE_BF16:
+        return NativeBF16Weight(weight)
     if fmt.is_int8:
         return Int8Weight(weight, fmt)
     raise ValueError(f"{fmt} is not a packed format")

@@ -237,3 +237,48 @@ def test_int8_pack_layout():
     assert blocks[1, 0, 3].tolist() == q[19, 0:4].tolist()
     assert blocks[0, 1, 2].tolist() == q[2, 4:6].tolist() + [0, 0]
     assert blocks[1, 1, 5].eq(0).all()                            # past N: zero weights
+
+
+# --- bf16 linear ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 70])
+@pytest.mark.parametrize("n,k", [(64, 256), (50, 37)])          # 50 x 37: N padded to 16, K to 2
+def test_bf16_linear_matches_float64(kernels, rows, n, k):
+    torch.manual_seed(rows + k)
+    w = (torch.randn(n, k) * 0.1).bfloat16()
+    x = torch.randn(rows, k + 3).bfloat16()[:, :k]                # strided rows
+    bias = torch.randn(n)
+    y = ops.bf16_linear(x, ops.bf16_pack(w), bias, n)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    ref = x.double() @ w.double().t() + bias.double()
+    # float32 sums of exact bf16 products, one bf16 rounding of the output
+    torch.testing.assert_close(y.double(), ref, atol=1e-5 * k, rtol=2 ** -8)
+
+
+# --- which kernel the loader picks ------------------------------------------------------------
+
+def test_kernel_choice_follows_the_cpu(monkeypatch):
+    from moeserve.layers import linear
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(linear, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(linear, "cpu_flags", lambda: frozenset({"avx512_bf16", "avx512_vnni"}))
+    monkeypatch.setattr(linear, "cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr(linear, "cpu_has_amx_int8", lambda: False)
+    monkeypatch.setattr(linear, "cpu_has_avx512_vnni", lambda: True)
+    assert linear.choose_format(torch.bfloat16, cpu, False) is linear.WeightFormat.NATIVE_BF16
+    assert linear.choose_format(torch.bfloat16, cpu, True) is linear.WeightFormat.INT8_NATIVE
+    monkeypatch.setattr(linear, "cpu_has_amx_bf16", lambda: True)      # AMX: oneDNN's tiles win prefill
+    assert linear.choose_format(torch.bfloat16, cpu, False) is linear.WeightFormat.ONEDNN_BF16
+    monkeypatch.setattr(linear, "cpu_has_avx512_vnni", lambda: False)  # AVX2 only: fbgemm
+    assert linear.choose_format(torch.bfloat16, cpu, True) is linear.WeightFormat.INT8_FBGEMM
+    monkeypatch.setenv("MOESERVE_BF16_KERNEL", "native")
+    assert linear.choose_format(torch.bfloat16, cpu, False) is linear.WeightFormat.NATIVE_BF16
+    monkeypatch.setenv("MOESERVE_BF16_KERNEL", "mkl")
+    with pytest.raises(ValueError, match="MOESERVE_BF16_KERNEL=mkl"):
+        linear.choose_format(torch.bfloat16, cpu, False)
+    monkeypatch.delenv("MOESERVE_BF16_KERNEL")
+    monkeypatch.setattr(native, "library", lambda: None)              # no compiler: the library kernels
+    monkeypatch.setattr(linear, "cpu_has_amx_bf16", lambda: False)
+    monkeypatch.setattr(linear, "cpu_has_avx512_vnni", lambda: True)
+    assert linear.choose_format(torch.bfloat16, cpu, False) is linear.WeightFormat.ONEDNN_BF16
+    assert linear.choose_format(torch.bfloat16, cpu, True) is linear.WeightFormat.INT8_FBGEMM
