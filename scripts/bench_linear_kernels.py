@@ -1,12 +1,15 @@
 """Every CPU matmul kernel moeserve can pick, timed on this machine (the evidence behind
 moeserve/layers/linear.py's choices).
 
-    python scripts/bench_linear_kernels.py [--shape 4096x1024] [--rows 1,4,16,64,256,512]
+    python scripts/bench_linear_kernels.py [--shape 4096x1024] [--rows 1,4,16,64,256,512] [--cold 24]
 
 For a weight [out, in] and each row count: float32 F.linear and oneDNN; bf16 F.linear and a
 oneDNN weight reordered once; int8 dynamic (activations quantized per call) with fbgemm's and
-oneDNN's kernels; weight-only int8 (_weight_int8pack_mm, bf16 activations). Median ms of --iters
-calls after a warm-up; a kernel this torch build or CPU lacks prints "-".
+oneDNN's kernels; weight-only int8 (_weight_int8pack_mm, bf16 activations); moeserve's native
+bf16 and int8 kernels (bf16 activations, weights on huge pages) where they build. Median ms of
+--iters calls after a warm-up; a kernel this torch build or CPU lacks prints "-".
+--cold N cycles through N copies of the weight so that, N x its size past the last-level cache,
+every call streams its weight from DRAM as a serving step does.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.cpu_features import cpu_flags, cpu_has_amx_int8, cpu_has_fast_bf16, cpu_has_vnni
-from moeserve.layers.linear import Int8Weight, OneDNNBF16Weight, WeightFormat, quantize_per_channel
+from moeserve.kernels import native
+from moeserve.layers.linear import (Int8Weight, NativeBF16Weight, NativeInt8Weight, OneDNNBF16Weight, WeightFormat,
+                                    quantize_per_channel)
 
 
 def parse_args() -> argparse.Namespace:
@@ -29,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", default="1,2,4,8,16,32,64,128,512")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--cold", type=int, default=1, help="copies of the weight to cycle through")
     return p.parse_args()
 
 
@@ -61,6 +67,10 @@ def kernels(weight: torch.Tensor) -> dict:
             found[f"int8 {engine}"] = Int8Weight(weight, fmt)
     q, scale = quantize_per_channel(weight)
     found["int8 weight-only (bf16 x)"] = lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, scale.bfloat16())
+    if native.library() is not None:
+        native16, native8 = NativeBF16Weight(weight), NativeInt8Weight(weight)
+        found["bf16 native"] = lambda x: native16(x.bfloat16())
+        found["int8 native (bf16 x)"] = lambda x: native8(x.bfloat16())
     return found
 
 
@@ -69,19 +79,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     out_f, in_f = (int(v) for v in args.shape.split("x"))
-    weight = torch.randn(out_f, in_f) * 0.02
+    copies = [kernels(torch.randn(out_f, in_f) * 0.02) for _ in range(max(1, args.cold))]
     print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, fast bf16 {cpu_has_fast_bf16()}, "
           f"AMX-INT8 {cpu_has_amx_int8()}, VNNI {cpu_has_vnni()}, {len(cpu_flags())} flags; "
-          f"{args.threads} threads; weight {out_f}x{in_f}; median ms")
-    found = kernels(weight)
-    print("| rows | " + " | ".join(found) + " |")
-    print("|---" * (len(found) + 1) + "|")
+          f"{args.threads} threads; weight {out_f}x{in_f}{f' x {len(copies)} copies' if len(copies) > 1 else ''}; "
+          f"median ms")
+    names = list(copies[0])
+    print("| rows | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
     for rows in (int(r) for r in args.rows.split(",")):
         x = torch.randn(rows, in_f)
         cells = []
-        for fn in found.values():
+        for name in names:
+            turn = iter(int(i) for i in range(10 ** 9))
+            call = (lambda: copies[next(turn) % len(copies)][name](x))    # the next copy each call
             try:
-                cells.append(f"{median_ms(lambda: fn(x), args.iters):.3f}")
+                cells.append(f"{median_ms(call, args.iters):.3f}")
             except RuntimeError:
                 cells.append("-")
         print(f"| {rows} | " + " | ".join(cells) + " |", flush=True)

@@ -22,11 +22,13 @@ machine by `choose_format` from what was measured (scripts/bench_linear_kernels.
   (kernels/cpu_kernels.c, INT8_NATIVE): weights packed for vpdpbusd, activations quantized per
   row (symmetric s8, one scale per token, so a token's result does not depend on its batch
   neighbours), bf16 or float32 in and out with no conversion ops. Against fbgemm on a Zen 4
-  EPYC (2 threads, weights in cache): 1.5-1.9x at 1 row, 1.2-1.5x at 4-16 rows, 1.0-1.1x at
-  128-512 rows (scripts/bench_linear_kernels.py).
+  EPYC, 2 threads, 4096x1024 (scripts/bench_linear_kernels.py): weights streamed from DRAM
+  (--cold 24) 1.13x at 1 row, 1.05x at 4, 1.24x at 128; in cache 1.5-1.9x at 1 row. In the
+  engine the huge pages add to it (1.2-1.4x per decode step, see kernels/arena.py).
 - bfloat16 on a CPU with AVX512-BF16 but no AMX, where the native kernels build (NATIVE_BF16):
   moeserve's vdpbf16ps kernel over weights packed on huge pages. About oneDNN's speed with the
-  weights in cache (0.8-1.2x), faster streaming them from DRAM at decode sizes (the huge pages).
+  weights in cache (0.8-1.2x); streamed from DRAM (--cold 24, 4096x1024) 1.48x at 1 row, 1.29x
+  at 4, 1.06x at 16, 1.03x at 128.
   With AMX, oneDNN's tile kernels win at prefill and stay. MOESERVE_BF16_KERNEL=onednn|native
   overrides.
 """
