@@ -9,6 +9,7 @@
  * elementwise kernels match the PyTorch ops they replace bit for bit (reductions may differ in
  * the last float32 bit: their summation order is not PyTorch's).
  */
+#include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -475,6 +476,41 @@ void int8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *packed, int32_t *w
         wsum[o] = sum;
     }
 }
+
+/* Quantizes a float weight w [N, K] per output channel, as layers/linear.py's
+ * quantize_per_channel does (scale = max|row| / 127, at least FLT_MIN; q = round(w / scale),
+ * nearest even, clamped to +-127), straight into int8_pack's layout: no float temporaries.
+ * scale [N] float32 out; packed and wsum as int8_pack. */
+#define DEFINE_INT8_QUANTIZE_PACK(SUFFIX, T)                                                    \
+void int8_quantize_pack_##SUFFIX(const T *w, int64_t n, int64_t k, int8_t *packed, int32_t *wsum, \
+                                 float *scale) {                                                \
+    const int64_t n16 = round_up(n, 16), k4 = round_up(k, 4);                                   \
+    memset(packed, 0, (size_t)(n16 * k4));                                                      \
+    _Pragma("omp parallel for schedule(static)")                                                \
+    for (int64_t o = 0; o < n16; o++) {                                                         \
+        int32_t sum = 0;                                                                        \
+        if (o < n) {                                                                            \
+            const T *row = w + o * k;                                                           \
+            float amax = 0.0f;                                                                  \
+            for (int64_t i = 0; i < k; i++) {                                                   \
+                const float a = fabsf(SUFFIX##_load(row[i]));                                   \
+                amax = a > amax ? a : amax;                                                     \
+            }                                                                                   \
+            float s = amax / 127.0f;                                                            \
+            s = s < FLT_MIN ? FLT_MIN : s;                                                      \
+            scale[o] = s;                                                                       \
+            for (int64_t i = 0; i < k; i++) {                                                   \
+                float q = nearbyintf(SUFFIX##_load(row[i]) / s);                                \
+                q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);                          \
+                packed[((o / 16) * (k4 / 4) + i / 4) * 64 + (o % 16) * 4 + i % 4] = (int8_t)q; \
+                sum += (int32_t)q;                                                              \
+            }                                                                                   \
+        }                                                                                       \
+        wsum[o] = sum;                                                                          \
+    }                                                                                           \
+}
+DEFINE_INT8_QUANTIZE_PACK(f32, float)
+DEFINE_INT8_QUANTIZE_PACK(bf16, bf16)
 
 /* Row r of x (K values) -> xq (K4 bytes, u8 = s8 + 128, padding 128); returns its scale. */
 #define DEFINE_QUANTIZE_ROW(SUFFIX, T)                                                          \

@@ -44,6 +44,7 @@ _SIGNATURES = {
     "swiglu": (_P, _I, _I, _P),
     "moe_combine": (_P, ctypes.c_int, _I, _P, _P, _I, _I, _I, _P),
     "int8_linear": (_P, _I, _I, _I, _P, _P, _P, _P, _I, _P),
+    "int8_quantize_pack": (_P, _I, _I, _P, _P, _P),
 }
 # Kernels without a dtype suffix.
 _PLAIN_SIGNATURES = {

@@ -138,6 +138,22 @@ def int8_pack(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, wsum
 
 
+def int8_quantize_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (packed, wsum) as int8_pack gives for quantize_per_channel(w)'s int8
+    values, and its scales [N] float32; computed row by row in C, no float temporaries."""
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        w = w.float()
+    w = w.contiguous()
+    n, k = w.shape
+    n16, k4 = -(-n // 16) * 16, -(-k // 4) * 4
+    packed = huge_page_empty(n16 * k4, torch.int8)
+    wsum = torch.empty(n16, dtype=torch.int32)
+    scale = torch.empty(n, dtype=torch.float32)
+    library().fn("int8_quantize_pack", w.dtype)(w.data_ptr(), n, k, packed.data_ptr(), wsum.data_ptr(),
+                                                scale.data_ptr())
+    return packed, wsum, scale
+
+
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, wscale: torch.Tensor,
                 bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """x [..., K] (float32 / bf16, last dim contiguous) -> [..., N] in x's dtype, through

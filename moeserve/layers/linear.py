@@ -298,9 +298,8 @@ class NativeInt8Weight(PackedWeight):
     activations quantized per row inside the kernel. Any float dtype in, the same dtype out."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        q, self.scale = quantize_per_channel(weight)
-        self.out_features = q.shape[0]
-        self.packed, self.wsum = ops.int8_pack(q)
+        self.out_features = weight.shape[0]
+        self.packed, self.wsum, self.scale = ops.int8_quantize_pack(weight)   # quantize_per_channel's values
         self.nbytes = self.packed.numel() + 4 * (self.wsum.numel() + self.out_features)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:     # [..., in] -> [..., out], x's dtype

@@ -282,3 +282,15 @@ def test_kernel_choice_follows_the_cpu(monkeypatch):
     monkeypatch.setattr(linear, "cpu_has_avx512_vnni", lambda: True)
     assert linear.choose_format(torch.bfloat16, cpu, False) is linear.WeightFormat.ONEDNN_BF16
     assert linear.choose_format(torch.bfloat16, cpu, True) is linear.WeightFormat.INT8_FBGEMM
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_quantize_pack_equals_quantize_per_channel_then_pack(kernels, dtype):
+    from moeserve.layers.linear import quantize_per_channel
+    gen = torch.Generator().manual_seed(6)
+    w = (torch.randn(40, 70, generator=gen) * torch.logspace(-3, 1, 40)[:, None]).to(dtype)
+    w[9] = 0.0                                                    # an all-zero row
+    packed, wsum, scale = ops.int8_quantize_pack(w)
+    q, ref_scale = quantize_per_channel(w)
+    ref_packed, ref_wsum = ops.int8_pack(q)
+    assert torch.equal(scale, ref_scale) and torch.equal(packed, ref_packed) and torch.equal(wsum, ref_wsum)
