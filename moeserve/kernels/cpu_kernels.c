@@ -533,6 +533,19 @@ static float quantize_row_##SUFFIX(const T *x, int64_t k, int64_t k4, uint8_t *x
 DEFINE_QUANTIZE_ROW(f32, float)
 DEFINE_QUANTIZE_ROW(bf16, bf16)
 
+/* CALL(R) with the row count as a constant 1..8, so the callee's accumulators stay in registers. */
+#define DISPATCH_ROWS(rows, CALL)                                                               \
+    switch (rows) {                                                                             \
+    case 8: CALL(8); return;                                                                    \
+    case 7: CALL(7); return;                                                                    \
+    case 6: CALL(6); return;                                                                    \
+    case 5: CALL(5); return;                                                                    \
+    case 4: CALL(4); return;                                                                    \
+    case 3: CALL(3); return;                                                                    \
+    case 2: CALL(2); return;                                                                    \
+    default: CALL(1); return;                                                                   \
+    }
+
 /* acc[r][lane] for `rows` rows (<= 8) against one group of 16 channels. */
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
 #define INT8_VNNI 1
@@ -560,16 +573,8 @@ static inline __attribute__((always_inline)) void group_dot(const int8_t *wg, co
 static void group_dot_any(const int8_t *wg, const uint8_t *xq, int64_t xq_stride, int64_t k4, int rows,
                           int32_t *acc) {
 #ifdef INT8_VNNI
-    switch (rows) {   /* constant row counts: the accumulators stay in registers */
-    case 8: group_dot(wg, xq, xq_stride, k4, 8, acc); return;
-    case 7: group_dot(wg, xq, xq_stride, k4, 7, acc); return;
-    case 6: group_dot(wg, xq, xq_stride, k4, 6, acc); return;
-    case 5: group_dot(wg, xq, xq_stride, k4, 5, acc); return;
-    case 4: group_dot(wg, xq, xq_stride, k4, 4, acc); return;
-    case 3: group_dot(wg, xq, xq_stride, k4, 3, acc); return;
-    case 2: group_dot(wg, xq, xq_stride, k4, 2, acc); return;
-    default: group_dot(wg, xq, xq_stride, k4, 1, acc); return;
-    }
+#define INT8_GROUP_DOT(ROWS) group_dot(wg, xq, xq_stride, k4, ROWS, acc)
+    DISPATCH_ROWS(rows, INT8_GROUP_DOT)
 #else
     for (int r = 0; r < rows; r++)
         for (int lane = 0; lane < 16; lane++) {
@@ -686,16 +691,8 @@ static inline __attribute__((always_inline)) void group_dot_bf16(const bf16 *wg,
 
 static void group_dot_bf16_any(const bf16 *wg, const bf16 *x, int64_t x_stride, int64_t k2, int rows, float *acc) {
 #ifdef BF16_DP
-    switch (rows) {
-    case 8: group_dot_bf16(wg, x, x_stride, k2, 8, acc); return;
-    case 7: group_dot_bf16(wg, x, x_stride, k2, 7, acc); return;
-    case 6: group_dot_bf16(wg, x, x_stride, k2, 6, acc); return;
-    case 5: group_dot_bf16(wg, x, x_stride, k2, 5, acc); return;
-    case 4: group_dot_bf16(wg, x, x_stride, k2, 4, acc); return;
-    case 3: group_dot_bf16(wg, x, x_stride, k2, 3, acc); return;
-    case 2: group_dot_bf16(wg, x, x_stride, k2, 2, acc); return;
-    default: group_dot_bf16(wg, x, x_stride, k2, 1, acc); return;
-    }
+#define BF16_GROUP_DOT(ROWS) group_dot_bf16(wg, x, x_stride, k2, ROWS, acc)
+    DISPATCH_ROWS(rows, BF16_GROUP_DOT)
 #else
     for (int r = 0; r < rows; r++)
         for (int lane = 0; lane < 16; lane++) {
