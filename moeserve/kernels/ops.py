@@ -20,6 +20,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 # tensor across the call, never of a temporary (x.contiguous().data_ptr() may point at freed memory).
 
 
+def _output(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh [m, n] output, or the caller's after checking it fits the kernel's writes."""
+    if out is None:
+        return torch.empty(m, n, dtype=dtype)
+    _need(out.shape == (m, n) and out.dtype == dtype and out.is_contiguous(), "output tensor")
+    return out
+
+
 def _need(cond: bool, what: str) -> None:
     if not cond:
         raise ValueError(f"native kernel: {what}")
@@ -155,16 +163,16 @@ def int8_quantize_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, wscale: torch.Tensor,
-                bias: torch.Tensor | None, n: int) -> torch.Tensor:
+                bias: torch.Tensor | None, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (float32 / bf16, last dim contiguous) -> [..., N] in x's dtype, through
     int8_pack's weight with per-channel scales wscale [N] float32 (bias [N] float32 or None);
-    activations quantized per row."""
+    activations quantized per row. `out`: a contiguous [M, N] tensor of x's dtype to write into."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype)
+    out = _output(out, m, n, x.dtype)
     library().fn("int8_linear", x.dtype)(x2.data_ptr(), x2.stride(0), m, k, packed.data_ptr(), wsum.data_ptr(),
                                          wscale.data_ptr(), _ptr(bias), n, out.data_ptr())
     return out.view(*x.shape[:-1], n)
@@ -179,13 +187,15 @@ def bf16_pack(w: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def bf16_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    """x [..., K] bf16 -> [..., N] bf16 through bf16_pack's weight (bias [N] float32 or None)."""
+def bf16_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, n: int,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] bf16 -> [..., N] bf16 through bf16_pack's weight (bias [N] float32 or None).
+    `out`: a contiguous [M, N] bf16 tensor to write into."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(1) != 1 or k % 2:
         x2 = x2.contiguous() if k % 2 == 0 else torch.nn.functional.pad(x2, (0, 1))
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=torch.bfloat16)
+    out = _output(out, m, n, torch.bfloat16)
     library().fn("bf16_linear")(x2.data_ptr(), x2.stride(0), m, k, packed.data_ptr(), _ptr(bias), n, out.data_ptr())
     return out.view(*x.shape[:-1], n)

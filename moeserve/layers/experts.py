@@ -214,9 +214,7 @@ class Experts(nn.Module):
         slices = list(self._slices(sizes))
         if not slices:
             return x_sorted.new_zeros(x_sorted.shape)
-        # One cat of the experts' outputs rather than a slice assignment each: 16 experts a layer
-        # at batch 16 made that 32 small copies a layer.
-        gate_up = _cat([self._matmul("w13", e, x_sorted[start:end]) for e, start, end in slices])  # [routed, 2I]
+        gate_up = self._each_expert("w13", x_sorted, slices)                                   # [routed, 2I]
         if self.plain_swiglu and native.supports(gate_up):
             hidden = ops.swiglu(gate_up)                                                       # [routed, I]
         elif self.plain_swiglu:
@@ -224,12 +222,26 @@ class Experts(nn.Module):
         else:
             local_sizes = torch.tensor(sizes)
             hidden = self._activation(self._add_bias(gate_up, self.b13, local_sizes))
-        out = _cat([self._matmul("w2", e, hidden[start:end]) for e, start, end in slices])        # [routed, H]
+        out = self._each_expert("w2", hidden, slices)                                          # [routed, H]
         if self.b2 is not None:
             out = self._add_bias(out, self.b2, local_sizes)
         if routed < x_sorted.shape[0]:
             out = torch.cat((out, out.new_zeros(x_sorted.shape[0] - routed, out.shape[1])))   # [R, H]
         return out
+
+    def _each_expert(self, name: str, rows: torch.Tensor, slices: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Each expert's w13 or w2 over its slice of rows [routed, in] -> [routed, out]. Kernels that
+        write into a given tensor (the native ones) fill one output in place; the others' outputs
+        are joined by one cat rather than a slice assignment each (16 experts a layer at batch 16
+        made that 32 small copies a layer)."""
+        packed = self.packed.get(name)
+        first = packed[slices[0][0]] if packed else None
+        if first is not None and first.writes_into and rows.dtype in native.DTYPES:
+            out = torch.empty(slices[-1][2], first.out_features, dtype=rows.dtype)
+            for e, start, end in slices:
+                packed[e](rows[start:end], out=out[start:end])
+            return out
+        return _cat([self._matmul(name, e, rows[start:end]) for e, start, end in slices])
 
     @staticmethod
     def _slices(sizes: list[int]):

@@ -189,6 +189,7 @@ class PackedWeight:
 
     out_features: int
     nbytes: int
+    writes_into = False    # __call__(x, out=...) writes into a caller's [rows, out] tensor of x's dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -279,6 +280,11 @@ def _uint8_view(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
 
 
+def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """y, or y copied into the caller's `out` (a kernel path that could not write there itself)."""
+    return y if out is None else out.copy_(y)
+
+
 class NativeBF16Weight(PackedWeight):
     """bf16 weights in moeserve's vdpbf16ps layout on huge pages (kernels/ops.bf16_pack)."""
 
@@ -287,10 +293,12 @@ class NativeBF16Weight(PackedWeight):
         self.packed = ops.bf16_pack(weight)
         self.nbytes = self.packed.numel() * 2
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:     # [..., in] -> [..., out], x's dtype
+    writes_into = True
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:   # [..., in] -> [..., out]
         if x.dtype == torch.bfloat16:
-            return ops.bf16_linear(x, self.packed, None, self.out_features)
-        return ops.bf16_linear(x.to(torch.bfloat16), self.packed, None, self.out_features).to(x.dtype)
+            return ops.bf16_linear(x, self.packed, None, self.out_features, out)
+        return _into(ops.bf16_linear(x.to(torch.bfloat16), self.packed, None, self.out_features).to(x.dtype), out)
 
 
 class NativeInt8Weight(PackedWeight):
@@ -302,10 +310,13 @@ class NativeInt8Weight(PackedWeight):
         self.packed, self.wsum, self.scale = ops.int8_quantize_pack(weight)   # quantize_per_channel's values
         self.nbytes = self.packed.numel() + 4 * (self.wsum.numel() + self.out_features)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:     # [..., in] -> [..., out], x's dtype
+    writes_into = True
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:   # [..., in] -> [..., out]
         if x.dtype in native.DTYPES:
-            return ops.int8_linear(x, self.packed, self.wsum, self.scale, None, self.out_features)
-        return ops.int8_linear(x.float(), self.packed, self.wsum, self.scale, None, self.out_features).to(x.dtype)
+            return ops.int8_linear(x, self.packed, self.wsum, self.scale, None, self.out_features, out)
+        return _into(ops.int8_linear(x.float(), self.packed, self.wsum, self.scale, None, self.out_features).to(x.dtype),
+                     out)
 
 
 def pack_weight(weight: torch.Tensor, fmt: WeightFormat) -> PackedWeight:

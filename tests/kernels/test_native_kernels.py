@@ -294,3 +294,18 @@ def test_int8_quantize_pack_equals_quantize_per_channel_then_pack(kernels, dtype
     q, ref_scale = quantize_per_channel(w)
     ref_packed, ref_wsum = ops.int8_pack(q)
     assert torch.equal(scale, ref_scale) and torch.equal(packed, ref_packed) and torch.equal(wsum, ref_wsum)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])     # float16: the converting path
+def test_native_weights_write_into_a_given_output(dtype):
+    from moeserve.layers.linear import NativeBF16Weight, NativeInt8Weight
+    torch.manual_seed(7)
+    x = torch.randn(5, 40).to(dtype)
+    for weight in (NativeInt8Weight(torch.randn(24, 40)), NativeBF16Weight(torch.randn(24, 40))):
+        buf = torch.full((9, 24), float("nan"), dtype=dtype)
+        got = weight(x, out=buf[2:7])
+        assert got.data_ptr() == buf[2:7].data_ptr() and torch.equal(buf[2:7], weight(x))
+        assert buf[:2].isnan().all() and buf[7:].isnan().all()         # nothing written outside the rows
+        if dtype == torch.bfloat16:                                       # the kernel's own check
+            with pytest.raises(ValueError, match="output tensor"):
+                weight(x, out=buf[2:6])
