@@ -15,6 +15,7 @@ every call streams its weight from DRAM as a serving step does.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 import warnings
@@ -91,8 +92,8 @@ def main() -> None:
         x = torch.randn(rows, in_f)
         cells = []
         for name in names:
-            turn = iter(int(i) for i in range(10 ** 9))
-            call = (lambda: copies[next(turn) % len(copies)][name](x))    # the next copy each call
+            turn = itertools.cycle(copies)
+            call = (lambda: next(turn)[name](x))                          # the next copy each call
             try:
                 cells.append(f"{median_ms(call, args.iters):.3f}")
             except RuntimeError:

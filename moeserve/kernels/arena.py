@@ -35,7 +35,7 @@ class HugePageArena:
 
     def empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A 1-D tensor of `numel` elements (uninitialised) in huge-page memory."""
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if self._chunk is None or self._offset + nbytes > self._end:
             self._new_chunk(nbytes)
         tensor = torch.frombuffer(self._chunk, dtype=dtype, count=numel, offset=self._offset)

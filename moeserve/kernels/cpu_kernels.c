@@ -461,26 +461,11 @@ DEFINE_COMBINE(bf16, bf16)
 
 static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-/* w [N, K] int8 -> packed [N16/16][K4/4][16][4] (zero padded) and wsum [N16] int32. */
-void int8_pack(const int8_t *w, int64_t n, int64_t k, int8_t *packed, int32_t *wsum) {
-    const int64_t n16 = round_up(n, 16), k4 = round_up(k, 4);
-    memset(packed, 0, (size_t)(n16 * k4));
-    for (int64_t o = 0; o < n16; o++) {
-        int32_t sum = 0;
-        if (o < n)
-            for (int64_t i = 0; i < k; i++) {
-                const int8_t v = w[o * k + i];
-                packed[((o / 16) * (k4 / 4) + i / 4) * 64 + (o % 16) * 4 + i % 4] = v;
-                sum += v;
-            }
-        wsum[o] = sum;
-    }
-}
-
 /* Quantizes a float weight w [N, K] per output channel, as layers/linear.py's
  * quantize_per_channel does (scale = max|row| / 127, at least FLT_MIN; q = round(w / scale),
- * nearest even, clamped to +-127), straight into int8_pack's layout: no float temporaries.
- * scale [N] float32 out; packed and wsum as int8_pack. */
+ * nearest even, clamped to +-127), straight into the packed layout: no float temporaries.
+ * packed [N16/16][K4/4][16][4] int8 (zero padded), wsum [N16] int32 per-channel sums of q,
+ * scale [N] float32. */
 #define DEFINE_INT8_QUANTIZE_PACK(SUFFIX, T)                                                    \
 void int8_quantize_pack_##SUFFIX(const T *w, int64_t n, int64_t k, int8_t *packed, int32_t *wsum, \
                                  float *scale) {                                                \

@@ -49,7 +49,6 @@ _SIGNATURES = {
 # Kernels without a dtype suffix.
 _PLAIN_SIGNATURES = {
     "moe_sort_routes": (_P, _P, _I, _I, _I, _P, _P),
-    "int8_pack": (_P, _I, _I, _P, _P),
     "bf16_pack": (_P, _I, _I, _P),
     "bf16_linear": (_P, _I, _I, _I, _P, _P, _I, _P),
 }

@@ -14,10 +14,10 @@ from moeserve.kernels.native import library
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's address, None for no tensor. Only valid while the tensor lives: take it of a
+    name that holds the tensor across the call, never of a temporary (x.contiguous().data_ptr()
+    may point at freed memory)."""
     return None if t is None else t.data_ptr()
-
-# A pointer is only valid while its tensor lives: take data_ptr() of a name that holds the
-# tensor across the call, never of a temporary (x.contiguous().data_ptr() may point at freed memory).
 
 
 def _output(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -108,7 +108,7 @@ def gather_rows(x: torch.Tensor, order: torch.Tensor, k: int, rows: int, dtype: 
     _need(x.stride(1) == 1 and dtype in (x.dtype, torch.float32), "gather_rows layout")
     out = torch.empty(rows, x.shape[1], dtype=dtype)
     library().fn("gather_rows", x.dtype)(x.data_ptr(), x.stride(0), order.data_ptr(), rows, k, x.shape[1],
-                                         int(dtype != x.dtype or dtype == torch.float32), out.data_ptr())
+                                         int(dtype == torch.float32), out.data_ptr())
     return out
 
 
@@ -134,21 +134,11 @@ def moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor | No
     return out
 
 
-def int8_pack(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [N, K] int8 -> (packed [ceil(N/16) * 16 * ceil(K/4) * 4] int8 in int8_linear's layout,
-    on huge pages (kernels/arena.py); wsum [ceil(N/16) * 16] int32 per-channel sums)."""
-    q = q.contiguous()
-    n, k = q.shape
-    n16, k4 = -(-n // 16) * 16, -(-k // 4) * 4
-    packed = huge_page_empty(n16 * k4, torch.int8)
-    wsum = torch.empty(n16, dtype=torch.int32)
-    library().fn("int8_pack")(q.data_ptr(), n, k, packed.data_ptr(), wsum.data_ptr())
-    return packed, wsum
-
-
 def int8_quantize_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [N, K] float -> (packed, wsum) as int8_pack gives for quantize_per_channel(w)'s int8
-    values, and its scales [N] float32; computed row by row in C, no float temporaries."""
+    """w [N, K] float -> (packed [ceil(N/16) * 16 * ceil(K/4) * 4] int8: quantize_per_channel(w)'s
+    values in int8_linear's [N/16][K/4][16][4] layout, on huge pages (kernels/arena.py); wsum
+    [ceil(N/16) * 16] int32 per-channel sums; scale [N] float32), row by row in C with no float
+    temporaries."""
     if w.dtype not in (torch.float32, torch.bfloat16):
         w = w.float()
     w = w.contiguous()
@@ -165,7 +155,7 @@ def int8_quantize_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 def int8_linear(x: torch.Tensor, packed: torch.Tensor, wsum: torch.Tensor, wscale: torch.Tensor,
                 bias: torch.Tensor | None, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] (float32 / bf16, last dim contiguous) -> [..., N] in x's dtype, through
-    int8_pack's weight with per-channel scales wscale [N] float32 (bias [N] float32 or None);
+    int8_quantize_pack's weight with per-channel scales wscale [N] float32 (bias [N] float32 or None);
     activations quantized per row. `out`: a contiguous [M, N] tensor of x's dtype to write into."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)

@@ -273,9 +273,8 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         # q [B, NH, D] -> [B, NH, 1, D]; contexts gathered [B, Lmax, NKV, D] -> [B, NKV, Lmax, D]
         if native.supports(q, k_flat):   # in place over the paged cache: no gather, no mask
-            sinks = None if self.sinks is None else self.sinks.float()
             return ops.decode_attention(q, k_flat, v_flat, meta.decode_slots, meta.decode_lens, self.scale,
-                                        meta.decode_starts(self.window, self.chunk), sinks)
+                                        meta.decode_starts(self.window, self.chunk), self.sinks)
         b, lmax = meta.decode_slots.shape
         slots = meta.decode_slots.reshape(-1)                        # index_select: ~4x faster than [] here
         keys = k_flat.index_select(0, slots).view(b, lmax, self.num_kv_heads, self.head_dim).transpose(1, 2)

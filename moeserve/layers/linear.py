@@ -288,12 +288,12 @@ def _into(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 class NativeBF16Weight(PackedWeight):
     """bf16 weights in moeserve's vdpbf16ps layout on huge pages (kernels/ops.bf16_pack)."""
 
+    writes_into = True
+
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features = weight.shape[0]
         self.packed = ops.bf16_pack(weight)
         self.nbytes = self.packed.numel() * 2
-
-    writes_into = True
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:   # [..., in] -> [..., out]
         if x.dtype == torch.bfloat16:
@@ -302,15 +302,15 @@ class NativeBF16Weight(PackedWeight):
 
 
 class NativeInt8Weight(PackedWeight):
-    """int8 weights, per-output-channel scales, in moeserve's VNNI layout (kernels/ops.int8_pack);
+    """int8 weights, per-output-channel scales, in moeserve's VNNI layout (kernels/ops.int8_quantize_pack);
     activations quantized per row inside the kernel. Any float dtype in, the same dtype out."""
+
+    writes_into = True
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.out_features = weight.shape[0]
         self.packed, self.wsum, self.scale = ops.int8_quantize_pack(weight)   # quantize_per_channel's values
         self.nbytes = self.packed.numel() + 4 * (self.wsum.numel() + self.out_features)
-
-    writes_into = True
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:   # [..., in] -> [..., out]
         if x.dtype in native.DTYPES:

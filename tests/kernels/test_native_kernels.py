@@ -198,6 +198,15 @@ def test_gather_swiglu_combine_match_torch(kernels, dtype):
 
 # --- int8 linear ------------------------------------------------------------------------------
 
+def _packed_reference(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, K] int8 -> the [N/16][K/4][16][4] layout (zero padded) and per-channel sums, in torch."""
+    n, k = q.shape
+    n16, k4 = -(-n // 16) * 16, -(-k // 4) * 4
+    padded = F.pad(q, (0, k4 - k, 0, n16 - n))                               # [N16, K4]
+    packed = padded.view(n16 // 16, 16, k4 // 4, 4).permute(0, 2, 1, 3).flatten()
+    return packed, padded.sum(1, dtype=torch.int32)
+
+
 def _int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias=None) -> torch.Tensor:
     """The kernel's arithmetic in float64: per-row symmetric s8 activations (float32 scale and
     rounding, as the kernel), exact integer sums, both scales, bias."""
@@ -215,8 +224,9 @@ def _int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias=
 def test_int8_linear_matches_integer_reference(kernels, dtype, rows, n, k):
     from moeserve.layers.linear import quantize_per_channel
     torch.manual_seed(rows + n)
-    q, scale = quantize_per_channel(torch.randn(n, k))
-    packed, wsum = ops.int8_pack(q)
+    w = torch.randn(n, k)
+    q, scale = quantize_per_channel(w)
+    packed, wsum, _ = ops.int8_quantize_pack(w)
     x = (torch.randn(rows, k) * 2 + 0.5).to(dtype)
     x[0] = 0.0                                                    # an all-zero row
     bias = torch.randn(n)
@@ -229,9 +239,9 @@ def test_int8_linear_matches_integer_reference(kernels, dtype, rows, n, k):
     torch.testing.assert_close(ops.int8_linear(x[-1:], packed, wsum, scale, bias, n), y[-1:], atol=0, rtol=0)
 
 
-def test_int8_pack_layout():
+def test_packed_layout():
     q = torch.arange(-60, 60, dtype=torch.int8).view(20, 6)       # N = 20 -> 32, K = 6 -> 8
-    packed, wsum = ops.int8_pack(q)
+    packed, wsum = _packed_reference(q)
     assert packed.numel() == 32 * 8 and wsum.tolist()[:20] == q.sum(1).tolist() and wsum[20:].eq(0).all()
     blocks = packed.view(2, 2, 16, 4)                             # [N/16][K/4][16][4]
     assert blocks[1, 0, 3].tolist() == q[19, 0:4].tolist()
@@ -285,14 +295,14 @@ def test_kernel_choice_follows_the_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_quantize_pack_equals_quantize_per_channel_then_pack(kernels, dtype):
+def test_int8_quantize_pack_equals_quantize_per_channel_in_the_packed_layout(kernels, dtype):
     from moeserve.layers.linear import quantize_per_channel
     gen = torch.Generator().manual_seed(6)
     w = (torch.randn(40, 70, generator=gen) * torch.logspace(-3, 1, 40)[:, None]).to(dtype)
     w[9] = 0.0                                                    # an all-zero row
     packed, wsum, scale = ops.int8_quantize_pack(w)
     q, ref_scale = quantize_per_channel(w)
-    ref_packed, ref_wsum = ops.int8_pack(q)
+    ref_packed, ref_wsum = _packed_reference(q)
     assert torch.equal(scale, ref_scale) and torch.equal(packed, ref_packed) and torch.equal(wsum, ref_wsum)
 
 
