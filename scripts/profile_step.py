@@ -25,6 +25,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("model")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--quantization", default=None)
+    p.add_argument("--quantize-lm-head", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rows", type=int, default=18, help="ops listed per scenario")
@@ -135,7 +136,7 @@ def main() -> None:
     args = parse_args()
     label_native_kernels()
     torch.set_num_threads(args.threads)
-    extra = {"quantization": args.quantization} if args.quantization else {}
+    extra = {"quantization": args.quantization, "quantize_lm_head": args.quantize_lm_head} if args.quantization else {}
     llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=2 << 30, max_num_seqs=64, **extra)
     print(f"dtype {llm.engine.dtype}, {args.threads} threads, quantization {args.quantization}")
     for name in args.scenarios.split(","):

@@ -219,7 +219,7 @@ def _int8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias=
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 3, 8, 13, 70])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 16, 17, 70])   # one pass up to 16 rows, then passes of 8
 @pytest.mark.parametrize("n,k", [(64, 256), (50, 37)])          # 50 x 37: both padded (N to 16, K to 4)
 def test_int8_linear_matches_integer_reference(kernels, dtype, rows, n, k):
     from moeserve.layers.linear import quantize_per_channel
