@@ -35,9 +35,12 @@ _FLAGS: dict[str, tuple[object, str]] = {
     "log-level": (str, "debug | info | warning | error"),
     "capacity-factor": (float, "cap each expert at ceil(T/E * factor * k) routes per MoE layer and step (default: dropless)"),
     "min-capacity": (int, "lower bound of that cap (default 4)"),
-    "quantization": (str, "int8: store expert, shared-expert, dense and attention weights as int8 "
-                           "(per-channel scales; CPU kernels: oneDNN with AMX, else fbgemm)"),
-    "quantize-lm-head": (bool, "with --quantization: the lm_head too (YAML: quantize_lm_head: true)"),
+    "quantization": (str, "int8: store expert, shared-expert, dense, attention and lm_head weights as "
+                           "int8 (per-channel scales; CPU kernels: moeserve's with AVX512-VNNI, "
+                           "oneDNN with AMX, else fbgemm)"),
+    "quantize-lm-head": (argparse.BooleanOptionalAction,
+                         "with --quantization: the lm_head too (default on, as llama.cpp's Q8_0; "
+                         "--no-quantize-lm-head keeps it in the serving dtype)"),
     "enable-prefix-caching": (argparse.BooleanOptionalAction,
                               "reuse the KV blocks of prompts' shared prefixes (default on; --no-enable-prefix-caching turns it off)"),
     "drop-policy": (str, "which routes a full expert drops: position (latest tokens) | probs (lowest scores)"),

@@ -44,7 +44,9 @@ class EngineConfig:
     min_capacity: int = 4
     drop_policy: Literal["position", "probs"] = "position"
     quantization: Literal["int8"] | None = None   # int8: linears stored int8 (CPU kernels)
-    quantize_lm_head: bool = False           # with --quantization: the lm_head too
+    # with --quantization: the lm_head too. None = yes, as llama.cpp's Q8_0 stores its output
+    # matrix: on CPU decode it is read whole every step (README, Speed on a CPU, for its cost in KL)
+    quantize_lm_head: bool | None = None
     # expert parallelism (see moeserve/parallel/); ep_size None = the number of visible GPUs, else 1
     ep_size: int | None = None
     ep_dispatch: Literal["alltoall", "allreduce"] = "alltoall"   # measured: see README, Expert parallelism
@@ -66,6 +68,8 @@ class EngineConfig:
             _choice("quantization", self.quantization, ("int8",))
         if self.quantize_lm_head and self.quantization is None:
             raise ConfigError("--quantize-lm-head needs --quantization (int8)")
+        if self.quantize_lm_head is None:
+            object.__setattr__(self, "quantize_lm_head", self.quantization is not None)
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         for name in ("enable_prefix_caching", "enable_chunked_prefill", "quantize_lm_head"):
             if not isinstance(getattr(self, name), bool):

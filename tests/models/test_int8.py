@@ -221,3 +221,6 @@ def test_engine_config_quantization_errors():
     with pytest.raises(ConfigError, match="--quantization"):
         EngineConfig(quantize_lm_head=True)
     assert EngineConfig(quantization="int8", quantize_lm_head=True).quantize_lm_head
+    assert EngineConfig(quantization="int8").quantize_lm_head          # the default with int8
+    assert EngineConfig(quantization="int8", quantize_lm_head=False).quantize_lm_head is False
+    assert EngineConfig().quantize_lm_head is False
