@@ -45,6 +45,7 @@ _SIGNATURES = {
     "moe_combine": (_P, ctypes.c_int, _I, _P, _P, _I, _I, _I, _P),
     "int8_linear": (_P, _I, _I, _I, _P, _P, _P, _P, _I, _P),
     "int8_quantize_pack": (_P, _I, _I, _P, _P, _P),
+    "argmax": (_P, _I, _I, _I, _P),
 }
 # Kernels without a dtype suffix.
 _PLAIN_SIGNATURES = {

@@ -56,6 +56,15 @@ def decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor
     return out
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] (float32 / bf16, rows may be strided) -> [B] int64, as x.argmax(-1): the first
+    largest value's index, or the first NaN's."""
+    _need(x.dim() == 2 and x.stride(1) == 1 and 0 < x.shape[1] < 2**31, "argmax layout")
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    library().fn("argmax", x.dtype)(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, H] (rows may be strided), weight [H] in x's dtype -> weight * rms_normed(x) [T, H]."""
     h = x.shape[-1]

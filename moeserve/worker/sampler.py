@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moeserve.engine.batch import ScheduledSeq, SeqOutput
+from moeserve.kernels import native, ops
 from moeserve.request import GREEDY_TEMPERATURE     # below it a temperature means argmax
 
 # A top-p nucleus nearly always lies within a row's 1024 most likely tokens. torch.topk of those
@@ -241,6 +242,14 @@ def apply_min_p(logits: Tensor, t: SamplingTensors) -> Tensor:
     return logits.masked_fill(logits < floor, float("-inf"))
 
 
+def _argmax(x: Tensor) -> Tensor:
+    """x [B, V] -> x.argmax(-1) [B]; on the CPU the native kernel (torch's argmax took ~30 us per
+    32k-entry row, 0.3-0.5 ms of a batch-16 step)."""
+    if x.stride(-1) == 1 and native.supports(x):
+        return ops.argmax(x)
+    return x.argmax(dim=-1)
+
+
 class Sampler:
     """Samples one token per row. Unseeded rows share one generator; seeded rows get their own."""
 
@@ -270,12 +279,12 @@ class Sampler:
                                       torch.tensor(float("-inf"), device=raw.device))
         logits = apply_penalties(logits, t)                                     # [B, V]
         if t.all_greedy:
-            return logits.argmax(dim=-1)
-        greedy_ids = logits.argmax(dim=-1) if t.any_greedy else None           # [B]
+            return _argmax(logits)
+        greedy_ids = _argmax(logits) if t.any_greedy else None                  # [B]
         logits = logits / t.temperature.unsqueeze(1)
         logits = apply_min_p(apply_top_k_top_p(logits, t), t)
         probs = logits.softmax(dim=-1)                                          # [B, V]
-        sampled = (probs / self._exponentials(t, probs.shape)).argmax(dim=-1)   # [B]
+        sampled = _argmax(probs / self._exponentials(t, probs.shape))           # [B]
         if greedy_ids is not None:
             sampled = torch.where(t.greedy, greedy_ids, sampled)
         return sampled

@@ -91,6 +91,24 @@ def test_decode_attention_window_and_sinks(kernels, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 47, 32000])
+def test_argmax_matches_torch(kernels, dtype, n):
+    """First index of the largest value; ties, a NaN anywhere (torch counts it largest), rows of
+    -inf, +inf, strided rows."""
+    torch.manual_seed(n)
+    x = torch.randn(9, n + 3).to(dtype)[:, 3:]                   # rows n + 3 apart
+    x[1] = x[1].mul(2).round().clamp(max=1)                     # many ties at the maximum
+    x[2] = float("-inf")
+    x[3, n // 2] = float("nan")
+    x[4, -1] = float("nan")
+    x[4, 0] = float("inf")
+    x[5, n // 3] = float("inf")
+    x[6] = 0.0
+    x[7, 0] = float("nan")
+    assert torch.equal(ops.argmax(x), x.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_matches_module(kernels, dtype):
     torch.manual_seed(2)
     norm = RMSNorm(1000, 1e-6).to(dtype)
