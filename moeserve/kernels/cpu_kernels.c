@@ -134,6 +134,22 @@ static float exp_shifted(float *scores, int64_t n, float m) {
     return sum;
 }
 
+/* Online softmax over one block of n scores per head (scores [NH][ATTN_BLOCK]): the scores
+ * become exp(score - new max), the running max m, sum l and output acc [NH][D] are rescaled. */
+static void softmax_block(float *scores, int64_t n, int64_t nh, int64_t d, float *m, float *l, float *acc) {
+    for (int64_t h = 0; h < nh; h++) {
+        float *sh = scores + h * ATTN_BLOCK;
+        float block_max = -INFINITY;
+        for (int64_t j = 0; j < n; j++) block_max = sh[j] > block_max ? sh[j] : block_max;
+        const float new_max = block_max > m[h] ? block_max : m[h];
+        const float rescale = expf(m[h] - new_max);
+        if (rescale != 1.0f)
+            for (int64_t i = 0; i < d; i++) acc[h * d + i] *= rescale;
+        l[h] = l[h] * rescale + exp_shifted(sh, n, new_max);
+        m[h] = new_max;
+    }
+}
+
 /* One sequence's attention over context positions [lo, hi), every head at once: each position's
  * key and value rows ([NKV, D], contiguous in the cache) are read once, in slot order, and
  * converted once for the G query heads that share them. Leaves per head the running max m[h],
@@ -157,17 +173,7 @@ static void attend_range_##SUFFIX(const float *qf, const T *k, const T *v, const
                 scores[h * ATTN_BLOCK + j] = dot;                                               \
             }                                                                                   \
         }                                                                                       \
-        for (int64_t h = 0; h < nh; h++) {                                                      \
-            float *sh = scores + h * ATTN_BLOCK;                                                \
-            float block_max = -INFINITY;                                                        \
-            for (int64_t j = 0; j < n; j++) block_max = sh[j] > block_max ? sh[j] : block_max;  \
-            const float new_max = block_max > m[h] ? block_max : m[h];                          \
-            const float rescale = expf(m[h] - new_max);                                         \
-            if (rescale != 1.0f)                                                                \
-                for (int64_t i = 0; i < d; i++) acc[h * d + i] *= rescale;                      \
-            l[h] = l[h] * rescale + exp_shifted(sh, n, new_max);                                \
-            m[h] = new_max;                                                                     \
-        }                                                                                       \
+        softmax_block(scores, n, nh, d, m, l, acc);                                             \
         for (int64_t j = 0; j < n; j++) {                                                       \
             row_to_f32_##SUFFIX(v + slots[j0 + j] * row, row, kv);                              \
             for (int64_t h = 0; h < nh; h++) {                                                  \
@@ -181,6 +187,135 @@ static void attend_range_##SUFFIX(const float *qf, const T *k, const T *v, const
 }
 DEFINE_ATTEND_RANGE(f32, float)
 DEFINE_ATTEND_RANGE(bf16, bf16)
+
+/* The same with AVX-512 for head dims 64 and 128, in tiles that keep sums in registers:
+ * scores 16 positions at a time per head (16 dot products, then one transposing reduction
+ * instead of 16 horizontal sums), and the weighted sum of V per kv head with a tile of its
+ * query heads' outputs in registers across the block's positions. Scratch kf [16, D]. */
+#ifdef __AVX512F__
+/* Lane j = the sum of r[j]'s 16 lanes. */
+static inline __m512 sum16x16(const __m512 *r) {
+    __m512 s[8], w[4];
+#pragma GCC unroll 8
+    for (int p = 0; p < 8; p++)
+        s[p] = _mm512_add_ps(_mm512_unpacklo_ps(r[2 * p], r[2 * p + 1]), _mm512_unpackhi_ps(r[2 * p], r[2 * p + 1]));
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; q++)     /* 128-bit lane L of w[q]: rows 4q..4q+3, their part L */
+        w[q] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * q], s[2 * q + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(s[2 * q], s[2 * q + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(y01, y23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Prefetches the cache rows (row_bytes each) of up to 16 slots: the next chunk's keys, the
+ * values the block will sum. The context is scattered over cache blocks in any order, which
+ * the hardware prefetchers cannot follow. */
+#define prefetch_rows(base, slot_list, avail, row_bytes, hint)                                  \
+    for (int64_t p_ = 0; p_ < 16 && p_ < (avail); p_++)                                         \
+        for (int64_t b_ = 0; b_ < (int64_t)(row_bytes); b_ += 64)                               \
+            _mm_prefetch((const char *)(base) + (slot_list)[p_] * (int64_t)(row_bytes) + b_, hint);
+
+/* scores[h][0..count) for the G heads of one kv head against kf [count, D] (D = 16 * CHUNKS). */
+static inline __attribute__((always_inline)) void score_heads(const float *qf, const float *kf, int count,
+                                                              int64_t h0, int64_t g, const int chunks,
+                                                              float *scores) {
+    for (int64_t h = h0; h < h0 + g; h++) {
+        const float *qh = qf + h * chunks * 16;
+        __m512 q[8], r[16];
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++)
+            q[c] = c < chunks ? _mm512_loadu_ps(qh + c * 16) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; j++) {
+            __m512 a = _mm512_setzero_ps();
+            if (j < count)
+#pragma GCC unroll 8
+                for (int c = 0; c < 8; c++)
+                    if (c < chunks) a = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(kf + (j * chunks + c) * 16), a);
+            r[j] = a;
+        }
+        _mm512_mask_storeu_ps(scores + h * ATTN_BLOCK, (__mmask16)((1u << count) - 1), sum16x16(r));
+    }
+}
+
+/* acc[h] += sum_j p[h][j] v_j for heads h0..h0+th of kv head kh, their outputs in registers. */
+#define DEFINE_PV_TILE(SUFFIX, T)                                                               \
+static inline __attribute__((always_inline)) void pv_tile_##SUFFIX(                              \
+        const T *v, const int64_t *slots, int64_t n, int64_t row, int64_t kh, const float *scores, \
+        int64_t h0, int th, const int chunks, float *acc) {                                     \
+    __m512 a[16];                                                                               \
+    _Pragma("GCC unroll 16")                                                                    \
+    for (int i = 0; i < 16; i++)                                                                \
+        a[i] = i < th * chunks ? _mm512_loadu_ps(acc + h0 * chunks * 16 + i * 16) : _mm512_setzero_ps(); \
+    for (int64_t j = 0; j < n; j++) {                                                           \
+        const T *vr = v + slots[j] * row + kh * chunks * 16;                                    \
+        _Pragma("GCC unroll 8")                                                                 \
+        for (int c = 0; c < 8; c++)                                                             \
+            if (c < chunks) {                                                                   \
+                const __m512 vc = load16_##SUFFIX(vr + c * 16);                                 \
+                _Pragma("GCC unroll 4")                                                         \
+                for (int t = 0; t < 4; t++)                                                     \
+                    if (t < th && t * chunks + c < 16)                                          \
+                        a[t * chunks + c] = _mm512_fmadd_ps(                                    \
+                            _mm512_set1_ps(scores[(h0 + t) * ATTN_BLOCK + j]), vc, a[t * chunks + c]); \
+            }                                                                                   \
+    }                                                                                           \
+    _Pragma("GCC unroll 16")                                                                    \
+    for (int i = 0; i < 16; i++)                                                                \
+        if (i < th * chunks) _mm512_storeu_ps(acc + h0 * chunks * 16 + i * 16, a[i]);           \
+}
+DEFINE_PV_TILE(f32, float)
+DEFINE_PV_TILE(bf16, bf16)
+
+#define DEFINE_ATTEND_TILED(SUFFIX, T)                                                          \
+static inline __attribute__((always_inline)) void attend_tiled_body_##SUFFIX(                    \
+        const float *qf, const T *k, const T *v, const int64_t *slots, int64_t lo, int64_t hi,  \
+        int64_t nh, int64_t nkv, const int chunks, float *kf, float *scores, float *m, float *l, \
+        float *acc) {                                                                           \
+    const int64_t d = chunks * 16, g = nh / nkv, row = nkv * d;                                 \
+    const int tile = 4 / (chunks / 4);      /* query heads whose D-wide outputs fill 16 registers */ \
+    for (int64_t h = 0; h < nh; h++) { m[h] = -INFINITY; l[h] = 0.0f; }                         \
+    memset(acc, 0, sizeof(float) * nh * d);                                                     \
+    for (int64_t j0 = lo; j0 < hi; j0 += ATTN_BLOCK) {                                          \
+        const int64_t n = hi - j0 < ATTN_BLOCK ? hi - j0 : ATTN_BLOCK;                          \
+        for (int64_t js = 0; js < n; js += 16) {                                                \
+            const int count = n - js < 16 ? (int)(n - js) : 16;                                 \
+            prefetch_rows(k, slots + j0 + js + 16, hi - (j0 + js + 16), row * sizeof(T), _MM_HINT_T0); \
+            prefetch_rows(v, slots + j0 + js, count, row * sizeof(T), _MM_HINT_T1);             \
+            for (int64_t kh = 0; kh < nkv; kh++) {                                              \
+                for (int j = 0; j < count; j++)                                                 \
+                    row_to_f32_##SUFFIX(k + slots[j0 + js + j] * row + kh * d, d, kf + j * d);  \
+                score_heads(qf, kf, count, kh * g, g, chunks, scores + js);                     \
+            }                                                                                   \
+        }                                                                                       \
+        softmax_block(scores, n, nh, d, m, l, acc);                                             \
+        for (int64_t kh = 0; kh < nkv; kh++)                                                    \
+            for (int64_t h0 = kh * g; h0 < (kh + 1) * g; h0 += tile) {                          \
+                const int th = (kh + 1) * g - h0 < tile ? (int)((kh + 1) * g - h0) : tile;      \
+                pv_tile_##SUFFIX(v, slots + j0, n, row, kh, scores, h0, th, chunks, acc);       \
+            }                                                                                   \
+    }                                                                                           \
+}                                                                                               \
+static void attend_tiled_##SUFFIX(const float *qf, const T *k, const T *v, const int64_t *slots, \
+                                  int64_t lo, int64_t hi, int64_t nh, int64_t nkv, int64_t d,   \
+                                  float *kf, float *scores, float *m, float *l, float *acc) {   \
+    if (d == 64)                                                                                \
+        attend_tiled_body_##SUFFIX(qf, k, v, slots, lo, hi, nh, nkv, 4, kf, scores, m, l, acc); \
+    else                                                                                        \
+        attend_tiled_body_##SUFFIX(qf, k, v, slots, lo, hi, nh, nkv, 8, kf, scores, m, l, acc); \
+}
+DEFINE_ATTEND_TILED(f32, float)
+DEFINE_ATTEND_TILED(bf16, bf16)
+#define ATTN_TILED(d) ((d) == 64 || (d) == 128)
+#else
+#define ATTN_TILED(d) 0
+#define attend_tiled_f32 attend_range_f32
+#define attend_tiled_bf16 attend_range_bf16
+#endif
 
 /* Decode attention over a paged KV cache, no gather: each sequence's one query token attends to
  * its context positions [start, len) read in place through its slot list.
@@ -207,7 +342,7 @@ void decode_attention_##SUFFIX(const T *q, int64_t q_stride, const T *k, const T
     _Pragma("omp parallel")                                                                     \
     {                                                                                           \
         float *qf = malloc(sizeof(float) * nh * d);                                             \
-        float *kv = malloc(sizeof(float) * nkv * d);                                            \
+        float *kv = malloc(sizeof(float) * (nkv > 16 ? nkv : 16) * d);  /* a row, or kf [16, D] */ \
         float *scores = malloc(sizeof(float) * nh * ATTN_BLOCK);                                \
         _Pragma("omp for schedule(static)")                                                     \
         for (int64_t task = 0; task < tasks; task++) {                                          \
@@ -218,9 +353,9 @@ void decode_attention_##SUFFIX(const T *q, int64_t q_stride, const T *k, const T
             const int64_t hi = lo + span < lens[b] ? lo + span : lens[b];                       \
             row_to_f32_##SUFFIX(q + b * q_stride, nh * d, qf);                                  \
             for (int64_t i = 0; i < nh * d; i++) qf[i] *= scale;                                \
-            attend_range_##SUFFIX(qf, k, v, slots + b * lmax, lo, hi, nh, nkv, d, kv, scores,   \
-                                  part_m + task * nh, part_l + task * nh,                       \
-                                  part_acc + task * nh * d);                                    \
+            (ATTN_TILED(d) ? attend_tiled_##SUFFIX : attend_range_##SUFFIX)(                    \
+                qf, k, v, slots + b * lmax, lo, hi, nh, nkv, d, kv, scores, part_m + task * nh, \
+                part_l + task * nh, part_acc + task * nh * d);                                  \
         }                                                                                       \
         free(qf);                                                                               \
         free(kv);                                                                               \
