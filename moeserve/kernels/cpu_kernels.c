@@ -580,19 +580,19 @@ static inline void store16_bf16(bf16 *p, __m512 v) {   /* v already holds bf16 v
 #define SWIGLU_VECTOR(SUFFIX)
 #endif
 #define DEFINE_SWIGLU(SUFFIX, T)                                                                \
+static inline void swiglu_row_##SUFFIX(const T *gate, const T *up, int64_t inter, T *o) {        \
+    int64_t i = 0;                                                                              \
+    SWIGLU_VECTOR(SUFFIX)                                                                       \
+    for (; i < inter; i++) {                                                                    \
+        const float g = SUFFIX##_load(gate[i]);                                                 \
+        const float silu = SUFFIX##_round(g / (1.0f + expf(-g)));                               \
+        o[i] = SUFFIX##_store(silu * SUFFIX##_load(up[i]));                                     \
+    }                                                                                           \
+}                                                                                               \
 void swiglu_##SUFFIX(const T *gate_up, int64_t n, int64_t inter, T *out) {                      \
     _Pragma("omp parallel for schedule(static) if (n * inter > 16384)")                         \
-    for (int64_t r = 0; r < n; r++) {                                                           \
-        const T *gate = gate_up + r * 2 * inter, *up = gate + inter;                            \
-        T *o = out + r * inter;                                                                 \
-        int64_t i = 0;                                                                          \
-        SWIGLU_VECTOR(SUFFIX)                                                                   \
-        for (; i < inter; i++) {                                                                \
-            const float g = SUFFIX##_load(gate[i]);                                             \
-            const float silu = SUFFIX##_round(g / (1.0f + expf(-g)));                           \
-            o[i] = SUFFIX##_store(silu * SUFFIX##_load(up[i]));                                 \
-        }                                                                                       \
-    }                                                                                           \
+    for (int64_t r = 0; r < n; r++)                                                             \
+        swiglu_row_##SUFFIX(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, inter, out + r * inter); \
 }
 DEFINE_SWIGLU(f32, float)
 DEFINE_SWIGLU(bf16, bf16)
@@ -603,29 +603,32 @@ DEFINE_SWIGLU(bf16, bf16)
  *   weights [R] float32 token-major, or NULL (Llama 4: the weight already scaled the input).
  *   out [T, H] in the model dtype. */
 #define DEFINE_COMBINE(SUFFIX, T)                                                               \
+static void combine_token_##SUFFIX(const void *y, int y_bf16, int64_t routed, const int64_t *pos, \
+                                   const float *weights, int64_t t, int64_t k, int64_t h, T *out) { \
+    float acc[h];                                                                               \
+    memset(acc, 0, sizeof(float) * h);                                                          \
+    for (int64_t kk = 0; kk < k; kk++) {                                                        \
+        const int64_t p = pos[t * k + kk];                                                      \
+        if (p >= routed) continue;                                                              \
+        const float w = weights ? weights[t * k + kk] : 1.0f;                                   \
+        if (y_bf16) {                                                                           \
+            const bf16 *yr = (const bf16 *)y + p * h;                                           \
+            for (int64_t i = 0; i < h; i++) acc[i] += (weights ? bf16_load(yr[i]) * w : bf16_load(yr[i])); \
+        } else {                                                                                \
+            const float *yr = (const float *)y + p * h;                                         \
+            for (int64_t i = 0; i < h; i++) acc[i] += (weights ? yr[i] * w : yr[i]);            \
+        }                                                                                       \
+    }                                                                                           \
+    T *o = out + t * h;                                                                         \
+    for (int64_t i = 0; i < h; i++) o[i] = SUFFIX##_store(acc[i]);                              \
+}                                                                                               \
 void moe_combine_##SUFFIX(const void *y, int y_bf16, int64_t routed, const int64_t *order,      \
                           const float *weights, int64_t tokens, int64_t k, int64_t h, T *out) { \
     int64_t *pos = malloc(sizeof(int64_t) * tokens * k);                                        \
     for (int64_t i = 0; i < tokens * k; i++) pos[order[i]] = i;                                 \
     _Pragma("omp parallel for schedule(static) if (tokens > 4)")                                \
-    for (int64_t t = 0; t < tokens; t++) {                                                      \
-        float acc[h];                                                                           \
-        memset(acc, 0, sizeof(float) * h);                                                      \
-        for (int64_t kk = 0; kk < k; kk++) {                                                    \
-            const int64_t p = pos[t * k + kk];                                                  \
-            if (p >= routed) continue;                                                          \
-            const float w = weights ? weights[t * k + kk] : 1.0f;                               \
-            if (y_bf16) {                                                                       \
-                const bf16 *yr = (const bf16 *)y + p * h;                                       \
-                for (int64_t i = 0; i < h; i++) acc[i] += (weights ? bf16_load(yr[i]) * w : bf16_load(yr[i])); \
-            } else {                                                                            \
-                const float *yr = (const float *)y + p * h;                                     \
-                for (int64_t i = 0; i < h; i++) acc[i] += (weights ? yr[i] * w : yr[i]);        \
-            }                                                                                   \
-        }                                                                                       \
-        T *o = out + t * h;                                                                     \
-        for (int64_t i = 0; i < h; i++) o[i] = SUFFIX##_store(acc[i]);                          \
-    }                                                                                           \
+    for (int64_t t = 0; t < tokens; t++)                                                        \
+        combine_token_##SUFFIX(y, y_bf16, routed, pos, weights, t, k, h, out);                  \
     free(pos);                                                                                  \
 }
 DEFINE_COMBINE(f32, float)
@@ -839,43 +842,151 @@ static inline void dequant_store_##SUFFIX(const int32_t *acc, const int32_t *wsu
 DEFINE_DEQUANT(f32, float)
 DEFINE_DEQUANT(bf16, bf16)
 
-/* y [M, N] (rows N apart, x's dtype) = x [M, K] (rows x_stride apart) through a packed weight.
- * x is quantized into blocks of `pass` rows laid out [K4/4][pass][4]: a pass reads its rows' 4
- * bytes for one step of K side by side, at fixed offsets from one pointer. */
+/* x is quantized into blocks of `pass` rows laid out [K4/4][pass][4]: a pass reads its rows' 4
+ * bytes for one step of K side by side, at fixed offsets from one pointer. Row r's first byte: */
+static inline int64_t xq_offset(int64_t r, int pass, int64_t k4) { return (r - r % pass) * k4 + r % pass * 4; }
+static inline int pass_rows(int64_t m) { return m < INT8_MAX_ROWS ? (int)m : INT8_MAX_ROWS; }
+
+/* Rows y [m, N] (rows n apart), channels g*16.. of one group: the m quantized rows (xq, scales
+ * xs) through the group's weights wg, in passes of `pass` rows. */
+#define DEFINE_INT8_GROUP(SUFFIX, T)                                                            \
+static inline void int8_group_##SUFFIX(const int8_t *wg, const uint8_t *xq, const float *xs, int64_t m, \
+                                       int pass, int64_t k4, int64_t g, const int32_t *wsum,   \
+                                       const float *wscale, const float *bias, int64_t n, T *y) { \
+    int32_t acc[INT8_MAX_ROWS * 16];                                                            \
+    const int count = n - g * 16 < 16 ? (int)(n - g * 16) : 16;                                 \
+    for (int64_t r0 = 0; r0 < m; r0 += pass) {                                                  \
+        const int rows = m - r0 < pass ? (int)(m - r0) : pass;                                  \
+        group_dot_any(wg, xq + r0 * k4, pass * 4, k4, rows, acc);                               \
+        for (int r = 0; r < rows; r++)                                                          \
+            dequant_store_##SUFFIX(acc + r * 16, wsum + g * 16, wscale + g * 16,                \
+                                   bias ? bias + g * 16 : NULL, xs[r0 + r], count,              \
+                                   y + (r0 + r) * n + g * 16);                                  \
+    }                                                                                           \
+}
+DEFINE_INT8_GROUP(f32, float)
+DEFINE_INT8_GROUP(bf16, bf16)
+
+/* y [M, N] (rows N apart, x's dtype) = x [M, K] (rows x_stride apart) through a packed weight. */
 #define DEFINE_INT8_LINEAR(SUFFIX, T)                                                           \
 void int8_linear_##SUFFIX(const T *x, int64_t x_stride, int64_t m, int64_t k, const int8_t *packed, \
                           const int32_t *wsum, const float *wscale, const float *bias, int64_t n, \
                           T *y) {                                                               \
     if (m <= 0) return;                                                                         \
     const int64_t k4 = round_up(k, 4), groups = round_up(n, 16) / 16;                           \
-    const int pass = m < INT8_MAX_ROWS ? (int)m : INT8_MAX_ROWS;                                \
+    const int pass = pass_rows(m);                                                              \
     uint8_t *xq = malloc((size_t)(round_up(m, pass) * k4));                                     \
     float *xs = malloc(sizeof(float) * m);                                                      \
     _Pragma("omp parallel")                                                                     \
     {                                                                                           \
         _Pragma("omp for schedule(static)")                                                     \
         for (int64_t r = 0; r < m; r++)                                                         \
-            xs[r] = quantize_row_##SUFFIX(x + r * x_stride, k, k4, pass * 4, xq + (r - r % pass) * k4 + r % pass * 4); \
+            xs[r] = quantize_row_##SUFFIX(x + r * x_stride, k, k4, pass * 4, xq + xq_offset(r, pass, k4)); \
         _Pragma("omp for schedule(static)")                                                     \
-        for (int64_t g = 0; g < groups; g++) {                                                  \
-            const int8_t *wg = packed + g * k4 * 16;                                            \
-            int32_t acc[INT8_MAX_ROWS * 16];                                                    \
-            for (int64_t r0 = 0; r0 < m; r0 += pass) {                                          \
-                const int rows = m - r0 < pass ? (int)(m - r0) : pass;                          \
-                group_dot_any(wg, xq + r0 * k4, pass * 4, k4, rows, acc);                       \
-                for (int r = 0; r < rows; r++)                                                  \
-                    dequant_store_##SUFFIX(acc + r * 16, wsum + g * 16, wscale + g * 16,        \
-                                           bias ? bias + g * 16 : NULL, xs[r0 + r],             \
-                                           n - g * 16 < 16 ? (int)(n - g * 16) : 16,            \
-                                           y + (r0 + r) * n + g * 16);                          \
-            }                                                                                   \
-        }                                                                                       \
+        for (int64_t g = 0; g < groups; g++)                                                    \
+            int8_group_##SUFFIX(packed + g * k4 * 16, xq, xs, m, pass, k4, g, wsum, wscale, bias, n, y); \
     }                                                                                           \
     free(xq);                                                                                   \
     free(xs);                                                                                   \
 }
 DEFINE_INT8_LINEAR(f32, float)
 DEFINE_INT8_LINEAR(bf16, bf16)
+
+/* ---- one MoE layer's routed experts through int8 weights, in one call ----
+ *
+ * What Experts._forward_native does with the kernels above (sort the routes by expert, each
+ * expert's w13 over its rows, SwiGLU, its w2, the weighted combine), bit for bit, inside one
+ * parallel region: each phase's work is spread over the threads across all experts at once
+ * (thread 0 streams the first experts' weights while thread 1 streams the last ones'), and the
+ * layer costs one call instead of ~4 + 2 per expert.
+ *   x [T, H] rows x_stride apart; ids [T, K] int64 global expert ids (kept [T, K] bool or NULL);
+ *   weights [T, K] float32; experts first..first+num_local are this rank's: w13 / w2 [3, E_local]
+ *   addresses of each expert's packed weights, per-channel sums and scales (int8_quantize_pack);
+ *   out [T, H]. Routes of other ranks' experts or dropped ones add nothing. */
+typedef struct {
+    int64_t expert, start, rows;   /* local expert, its first sorted route, its route count */
+    int64_t xq_row;                /* its first row in the quantized blocks (rows padded to passes) */
+} ExpertRows;
+
+/* The local experts with routes, in order; returns how many, and the padded row total. */
+static int64_t expert_rows(const int64_t *sizes, int64_t num_local, ExpertRows *act, int64_t *xq_rows) {
+    int64_t active = 0, start = 0, padded = 0;
+    for (int64_t e = 0; e < num_local; e++) {
+        if (sizes[e]) {
+            act[active++] = (ExpertRows){e, start, sizes[e], padded};
+            padded += round_up(sizes[e], pass_rows(sizes[e]));
+        }
+        start += sizes[e];
+    }
+    *xq_rows = padded;
+    return active;
+}
+
+#define DEFINE_MOE_INT8(SUFFIX, T)                                                              \
+void moe_int8_##SUFFIX(const T *x, int64_t x_stride, int64_t tokens, int64_t k, const int64_t *ids, \
+                       const uint8_t *kept, const float *weights, int64_t first, int64_t num_local, \
+                       int64_t h, int64_t inter, const int64_t *w13, const int64_t *w2, T *out) { \
+    const int64_t routes = tokens * k, n13 = 2 * inter;                                         \
+    const int64_t k4_13 = round_up(h, 4), k4_2 = round_up(inter, 4);                            \
+    const int64_t groups13 = round_up(n13, 16) / 16, groups2 = round_up(h, 16) / 16;            \
+    int64_t *order = malloc(sizeof(int64_t) * routes * 2), *pos = order + routes;               \
+    int64_t sizes[num_local + 1];                                                               \
+    ExpertRows act[num_local > 0 ? num_local : 1];                                              \
+    moe_sort_routes(ids, kept, routes, first, num_local, order, sizes);                         \
+    for (int64_t i = 0; i < routes; i++) pos[order[i]] = i;                                     \
+    const int64_t routed = routes - sizes[num_local];                                           \
+    int64_t xq_rows;                                                                            \
+    const int64_t active = expert_rows(sizes, num_local, act, &xq_rows);                        \
+    uint8_t *xq13 = malloc((size_t)(xq_rows * k4_13 + 1)), *xq2 = malloc((size_t)(xq_rows * k4_2 + 1)); \
+    float *xs = malloc(sizeof(float) * (routed + 1) * 2), *hs = xs + routed + 1;                \
+    T *gate_up = malloc(sizeof(T) * (routed * n13 + 1));                                        \
+    T *hidden = malloc(sizeof(T) * (routed * inter + 1));                                       \
+    T *y = malloc(sizeof(T) * (routed * h + 1));                                                \
+    _Pragma("omp parallel")                                                                     \
+    {                                                                                           \
+        _Pragma("omp for schedule(static)")                                                     \
+        for (int64_t a = 0; a < active; a++)      /* each expert's rows, quantized for w13 */   \
+            for (int64_t r = 0; r < act[a].rows; r++) {                                         \
+                const int64_t i = act[a].start + r;                                             \
+                const int pass = pass_rows(act[a].rows);                                        \
+                xs[i] = quantize_row_##SUFFIX(x + order[i] / k * x_stride, h, k4_13, pass * 4,  \
+                                              xq13 + act[a].xq_row * k4_13 + xq_offset(r, pass, k4_13)); \
+            }                                                                                   \
+        _Pragma("omp for schedule(static)")                                                     \
+        for (int64_t w = 0; w < active * groups13; w++) {                                       \
+            const ExpertRows *ex = act + w / groups13;                                          \
+            const int64_t g = w % groups13, e = ex->expert;                                     \
+            int8_group_##SUFFIX((const int8_t *)w13[e] + g * k4_13 * 16, xq13 + ex->xq_row * k4_13, xs + ex->start, \
+                                ex->rows, pass_rows(ex->rows), k4_13, g, (const int32_t *)w13[num_local + e], \
+                                (const float *)w13[2 * num_local + e], NULL, n13, gate_up + ex->start * n13); \
+        }                                                                                       \
+        _Pragma("omp for schedule(static)")                                                     \
+        for (int64_t a = 0; a < active; a++)      /* SwiGLU, quantized for w2 */                \
+            for (int64_t r = 0; r < act[a].rows; r++) {                                         \
+                const int64_t i = act[a].start + r;                                             \
+                const int pass = pass_rows(act[a].rows);                                        \
+                T *hr = hidden + i * inter;                                                     \
+                swiglu_row_##SUFFIX(gate_up + i * n13, gate_up + i * n13 + inter, inter, hr);   \
+                hs[i] = quantize_row_##SUFFIX(hr, inter, k4_2, pass * 4,                        \
+                                              xq2 + act[a].xq_row * k4_2 + xq_offset(r, pass, k4_2)); \
+            }                                                                                   \
+        _Pragma("omp for schedule(static)")                                                     \
+        for (int64_t w = 0; w < active * groups2; w++) {                                        \
+            const ExpertRows *ex = act + w / groups2;                                           \
+            const int64_t g = w % groups2, e = ex->expert;                                      \
+            int8_group_##SUFFIX((const int8_t *)w2[e] + g * k4_2 * 16, xq2 + ex->xq_row * k4_2,  \
+                                hs + ex->start, ex->rows, pass_rows(ex->rows), k4_2, g,         \
+                                (const int32_t *)w2[num_local + e], (const float *)w2[2 * num_local + e], \
+                                NULL, h, y + ex->start * h);                                    \
+        }                                                                                       \
+        _Pragma("omp for schedule(static)")                                                     \
+        for (int64_t t = 0; t < tokens; t++)                                                    \
+            combine_token_##SUFFIX(y, sizeof(T) == 2, routed, pos, weights, t, k, h, out);      \
+    }                                                                                           \
+    free(order); free(xq13); free(xq2); free(xs); free(gate_up); free(hidden); free(y);         \
+}
+DEFINE_MOE_INT8(f32, float)
+DEFINE_MOE_INT8(bf16, bf16)
 
 /* ---- bf16 linear: AVX512-BF16 (vdpbf16ps), weights packed on huge pages ----
  *

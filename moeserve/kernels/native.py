@@ -46,6 +46,7 @@ _SIGNATURES = {
     "int8_linear": (_P, _I, _I, _I, _P, _P, _P, _P, _I, _P),
     "int8_quantize_pack": (_P, _I, _I, _P, _P, _P),
     "argmax": (_P, _I, _I, _I, _P),
+    "moe_int8": (_P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P),
 }
 # Kernels without a dtype suffix.
 _PLAIN_SIGNATURES = {

@@ -143,6 +143,26 @@ def moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor | No
     return out
 
 
+def moe_int8(x: torch.Tensor, expert_ids: torch.Tensor, kept: torch.Tensor | None, weights: torch.Tensor,
+             first: int, num_local: int, intermediate: int, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One MoE layer's routed experts (SwiGLU, int8 weights) in one call: x [T, H]; expert_ids
+    [T, K] int64 global ids (kept [T, K] bool or None); weights [T, K] float32; experts
+    first..first+num_local are held here, w13 / w2 [3, num_local] int64 addresses of each
+    expert's int8_quantize_pack (packed, wsum, scale) -> [T, H] in x's dtype, bit for bit what
+    sort_routes, gather_rows, int8_linear, swiglu, int8_linear and moe_combine give."""
+    t, k = expert_ids.shape
+    h = x.shape[1]
+    _need(x.stride(1) == 1 and expert_ids.dtype == torch.int64 and weights.dtype == torch.float32, "moe_int8 inputs")
+    _need(w13.shape == w2.shape == (3, num_local) and w13.dtype == w2.dtype == torch.int64, "moe_int8 tables")
+    ids, w = expert_ids.contiguous(), weights.contiguous()
+    kept = None if kept is None else kept.contiguous()
+    out = torch.empty(t, h, dtype=x.dtype)
+    library().fn("moe_int8", x.dtype)(x.data_ptr(), x.stride(0), t, k, ids.data_ptr(), _ptr(kept), w.data_ptr(),
+                                      first, num_local, h, intermediate, w13.data_ptr(), w2.data_ptr(),
+                                      out.data_ptr())
+    return out
+
+
 def int8_quantize_pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (packed [ceil(N/16) * 16 * ceil(K/4) * 4] int8: quantize_per_channel(w)'s
     values in int8_linear's [N/16][K/4][16][4] layout, on huge pages (kernels/arena.py); wsum

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.kernels import native, ops
-from moeserve.layers.linear import PackedWeight, WeightFormat, linear, pack_weight
+from moeserve.layers.linear import NativeInt8Weight, PackedWeight, WeightFormat, linear, pack_weight
 from moeserve.layers.routing import Routing
 from moeserve.models.config import ExpertActivation
 
@@ -70,10 +70,12 @@ class Experts(nn.Module):
         # After pack(): one packed weight per local expert, and w13 / w2 are None.
         self.packed: dict[str, list[PackedWeight]] = {}
         self.float32_io = False   # packed for an int8 kernel with float32 in and out: small batches then run in float32 (see _per_expert)
+        self._int8_tables: tuple[torch.Tensor, ...] | None = None   # see _native_int8_tables
 
     def pack(self, name: str, stacked: torch.Tensor, fmt: WeightFormat) -> None:
         """Keeps w13 or w2 ([E_local, out, in]) only as one packed weight per expert."""
         self.packed[name] = [pack_weight(w, fmt) for w in stacked]
+        self._int8_tables = None
         self.float32_io = fmt.computes_in_float32
         setattr(self, name, None)
 
@@ -113,15 +115,32 @@ class Experts(nn.Module):
     def _forward_native(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """forward() on the CPU with the native kernels: sort, gather, SwiGLU and the weighted
         combine are one call each (the same results; PyTorch spends ~12 small ops on them).
-        Only the routed rows are gathered and computed."""
+        Only the routed rows are gathered and computed. With native int8 weights and a plain
+        SwiGLU the whole layer is one call (ops.moe_int8, the same results again)."""
         t, k = routing.expert_ids.shape
         kept = routing.kept if routing.capacity_limited else None
+        tables = self._native_int8_tables()
+        if tables is not None:
+            return ops.moe_int8(x, routing.expert_ids, kept, routing.weights, self.first_expert, self.num_local,
+                                self.intermediate, *tables)
         order, sizes = ops.sort_routes(routing.expert_ids, kept, self.first_expert, self.num_local)   # [R]
         routed = t * k - sizes[-1]
         compute = torch.float32 if self.float32_io and routed <= _INT8_FLOAT32_MAX_ROUTES else x.dtype
         x_sorted = ops.gather_rows(x, order, k, routed, compute)                  # [routed, H]
         out_sorted = self._per_expert(x_sorted, sizes)                            # [routed, H]
         return ops.moe_combine(out_sorted, order, routing.weights, t, k, x.dtype)  # [T, H]
+
+    def _native_int8_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """w13's and w2's [3, E_local] addresses (packed, wsum, scale) for ops.moe_int8, built
+        once; None unless every expert is a NativeInt8Weight with a plain SwiGLU between."""
+        if self._int8_tables is None:
+            packed = [self.packed.get(name) for name in ("w13", "w2")]
+            usable = self.plain_swiglu and all(
+                p is not None and all(isinstance(w, NativeInt8Weight) for w in p) for p in packed)
+            self._int8_tables = tuple(
+                torch.tensor([[w.packed.data_ptr() for w in p], [w.wsum.data_ptr() for w in p],
+                              [w.scale.data_ptr() for w in p]], dtype=torch.int64) for p in packed) if usable else ()
+        return self._int8_tables or None
 
     def _one_token(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """A single token (a one-stream decode): its K experts in turn, with none of the sorting

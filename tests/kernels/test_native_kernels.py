@@ -337,3 +337,46 @@ def test_native_weights_write_into_a_given_output(dtype):
         if dtype == torch.bfloat16:                                       # the kernel's own check
             with pytest.raises(ValueError, match="output tensor"):
                 weight(x, out=buf[2:6])
+
+
+# --- one MoE layer through int8 weights ----------------------------------------------------------
+
+def _unfused_moe_int8(x, ids, kept, weights, first, num_local, inter, experts):
+    """Experts._forward_native's chain of kernels, one call per step and expert."""
+    t, k = ids.shape
+    order, sizes = ops.sort_routes(ids, kept, first, num_local)
+    routed = t * k - sizes[-1]
+    rows = ops.gather_rows(x, order, k, routed, x.dtype)
+    gate_up, out, start = [], [], 0
+    for e, n in enumerate(sizes[:-1]):
+        if n:
+            gate_up.append(ops.int8_linear(rows[start:start + n], *experts[e][0], None, 2 * inter))
+        start += n
+    gate_up = torch.cat(gate_up) if gate_up else rows.new_zeros(0, 1)
+    hidden = ops.swiglu(gate_up) if routed else gate_up
+    start = 0
+    for e, n in enumerate(sizes[:-1]):
+        if n:
+            out.append(ops.int8_linear(hidden[start:start + n], *experts[e][1], None, x.shape[1]))
+        start += n
+    y = torch.cat(out) if out else x.new_zeros(0, x.shape[1])
+    return ops.moe_combine(y, order, weights, t, k, x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,k,first,num_local,drop", [(1, 2, 0, 6, False), (3, 1, 0, 6, False), (16, 2, 0, 6, False),
+                                                           (40, 4, 0, 6, True), (9, 2, 2, 3, False), (24, 2, 1, 4, True)])
+def test_moe_int8_is_the_unfused_chain_bit_for_bit(kernels, dtype, tokens, k, first, num_local, drop):
+    torch.manual_seed(tokens * 10 + k)
+    h, inter, num_experts = 50, 40, 6                              # H and 2I not multiples of 16, K padded to 4
+    experts = [(ops.int8_quantize_pack(torch.randn(2 * inter, h) * 0.2),
+                ops.int8_quantize_pack(torch.randn(h, inter) * 0.2)) for _ in range(num_local)]
+    x = torch.randn(tokens, h + 6).to(dtype)[:, 3:3 + h]            # strided rows
+    ids = torch.stack([torch.randperm(num_experts)[:k] for _ in range(tokens)])
+    if tokens >= 16:
+        ids[: tokens // 2] = ids[0]                                # one expert gets > 16 rows
+    weights = torch.rand(tokens, k)
+    kept = torch.rand(tokens, k) > 0.3 if drop else None
+    tables = [torch.tensor([[w[i][j].data_ptr() for w in experts] for j in range(3)]) for i in range(2)]
+    got = ops.moe_int8(x, ids, kept, weights, first, num_local, inter, *tables)
+    assert torch.equal(got, _unfused_moe_int8(x, ids, kept, weights, first, num_local, inter, experts))
