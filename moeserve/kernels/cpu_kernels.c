@@ -1044,26 +1044,79 @@ static void group_dot_bf16_any(const bf16 *wg, const bf16 *x, int64_t x_stride, 
 #endif
 }
 
+/* Rows y [m, N] (rows n apart), channels g*16.. of one group: x [m, K] (rows x_stride apart)
+ * through the group's packed weights wg, in passes of 8 rows (+ bias [N] float32 or NULL). */
+static inline void bf16_group(const bf16 *wg, const bf16 *x, int64_t x_stride, int64_t m, int64_t k2, int64_t g,
+                              const float *bias, int64_t n, bf16 *y) {
+    float acc[8 * 16];
+    const int count = n - g * 16 < 16 ? (int)(n - g * 16) : 16;
+    for (int64_t r0 = 0; r0 < m; r0 += 8) {
+        const int rows = m - r0 < 8 ? (int)(m - r0) : 8;
+        group_dot_bf16_any(wg, x + r0 * x_stride, x_stride, k2, rows, acc);
+        for (int r = 0; r < rows; r++) {
+            bf16 *yr = y + (r0 + r) * n + g * 16;
+            for (int lane = 0; lane < count; lane++) {
+                const float v = acc[r * 16 + lane] + (bias ? bias[g * 16 + lane] : 0.0f);
+                yr[lane] = f32_to_bf16(v);
+            }
+        }
+    }
+}
+
 /* y [M, N] bf16 = x [M, K] bf16 (rows x_stride apart, K even or the row padded by the caller)
  * through bf16_pack's weight (+ bias [N] float32). */
 void bf16_linear(const bf16 *x, int64_t x_stride, int64_t m, int64_t k, const bf16 *packed, const float *bias,
                  int64_t n, bf16 *y) {
     const int64_t k2 = round_up(k, 2), groups = round_up(n, 16) / 16;
     _Pragma("omp parallel for schedule(static)")
-    for (int64_t g = 0; g < groups; g++) {
-        const bf16 *wg = packed + g * k2 * 16;
-        float acc[8 * 16];
-        for (int64_t r0 = 0; r0 < m; r0 += 8) {
-            const int rows = m - r0 < 8 ? (int)(m - r0) : 8;
-            group_dot_bf16_any(wg, x + r0 * x_stride, x_stride, k2, rows, acc);
-            const int count = n - g * 16 < 16 ? (int)(n - g * 16) : 16;
-            for (int r = 0; r < rows; r++) {
-                bf16 *yr = y + (r0 + r) * n + g * 16;
-                for (int lane = 0; lane < count; lane++) {
-                    const float v = acc[r * 16 + lane] + (bias ? bias[g * 16 + lane] : 0.0f);
-                    yr[lane] = f32_to_bf16(v);
-                }
-            }
+    for (int64_t g = 0; g < groups; g++)
+        bf16_group(packed + g * k2 * 16, x, x_stride, m, k2, g, bias, n, y);
+}
+
+/* moe_int8 for bf16 weights (bf16_pack) and bf16 activations, H and I even: the same steps
+ * as Experts._forward_native's chain (gather, w13, SwiGLU, w2, combine) in one parallel region,
+ * bit for bit. w13 / w2 [E_local] addresses of each expert's packed weight. */
+void moe_bf16(const bf16 *x, int64_t x_stride, int64_t tokens, int64_t k, const int64_t *ids, const uint8_t *kept,
+              const float *weights, int64_t first, int64_t num_local, int64_t h, int64_t inter, const int64_t *w13,
+              const int64_t *w2, bf16 *out) {
+    const int64_t routes = tokens * k, n13 = 2 * inter;
+    const int64_t groups13 = round_up(n13, 16) / 16, groups2 = round_up(h, 16) / 16;
+    int64_t *order = malloc(sizeof(int64_t) * routes * 2), *pos = order + routes;
+    int64_t sizes[num_local + 1];
+    ExpertRows act[num_local > 0 ? num_local : 1];
+    moe_sort_routes(ids, kept, routes, first, num_local, order, sizes);
+    for (int64_t i = 0; i < routes; i++) pos[order[i]] = i;
+    const int64_t routed = routes - sizes[num_local];
+    int64_t padded_rows;
+    const int64_t active = expert_rows(sizes, num_local, act, &padded_rows);
+    bf16 *rows = malloc(sizeof(bf16) * (routed * (h + n13 + inter + h) + 1));
+    bf16 *gate_up = rows + routed * h, *hidden = gate_up + routed * n13, *y = hidden + routed * inter;
+    _Pragma("omp parallel")
+    {
+        _Pragma("omp for schedule(static)")
+        for (int64_t i = 0; i < routed; i++)
+            memcpy(rows + i * h, x + order[i] / k * x_stride, sizeof(bf16) * h);
+        _Pragma("omp for schedule(static)")
+        for (int64_t w = 0; w < active * groups13; w++) {
+            const ExpertRows *ex = act + w / groups13;
+            const int64_t g = w % groups13;
+            bf16_group((const bf16 *)w13[ex->expert] + g * h * 16, rows + ex->start * h, h, ex->rows, h, g, NULL,
+                       n13, gate_up + ex->start * n13);
         }
+        _Pragma("omp for schedule(static)")
+        for (int64_t i = 0; i < routed; i++)
+            swiglu_row_bf16(gate_up + i * n13, gate_up + i * n13 + inter, inter, hidden + i * inter);
+        _Pragma("omp for schedule(static)")
+        for (int64_t w = 0; w < active * groups2; w++) {
+            const ExpertRows *ex = act + w / groups2;
+            const int64_t g = w % groups2;
+            bf16_group((const bf16 *)w2[ex->expert] + g * inter * 16, hidden + ex->start * inter, inter, ex->rows,
+                       inter, g, NULL, h, y + ex->start * h);
+        }
+        _Pragma("omp for schedule(static)")
+        for (int64_t t = 0; t < tokens; t++)
+            combine_token_bf16(y, 1, routed, pos, weights, t, k, h, out);
     }
+    free(order);
+    free(rows);
 }

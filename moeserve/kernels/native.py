@@ -53,6 +53,7 @@ _PLAIN_SIGNATURES = {
     "moe_sort_routes": (_P, _P, _I, _I, _I, _P, _P),
     "bf16_pack": (_P, _I, _I, _P),
     "bf16_linear": (_P, _I, _I, _I, _P, _P, _I, _P),
+    "moe_bf16": (_P, _I, _I, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P),
 }
 
 

@@ -150,16 +150,32 @@ def moe_int8(x: torch.Tensor, expert_ids: torch.Tensor, kept: torch.Tensor | Non
     first..first+num_local are held here, w13 / w2 [3, num_local] int64 addresses of each
     expert's int8_quantize_pack (packed, wsum, scale) -> [T, H] in x's dtype, bit for bit what
     sort_routes, gather_rows, int8_linear, swiglu, int8_linear and moe_combine give."""
+    _need(w13.shape == w2.shape == (3, num_local), "moe_int8 tables")
+    return _moe_layer(library().fn("moe_int8", x.dtype), x, expert_ids, kept, weights, first, num_local,
+                      intermediate, w13, w2)
+
+
+def moe_bf16(x: torch.Tensor, expert_ids: torch.Tensor, kept: torch.Tensor | None, weights: torch.Tensor,
+             first: int, num_local: int, intermediate: int, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """moe_int8 for bf16_pack's weights: x bf16 [T, H], H and the intermediate size even; w13 / w2
+    [num_local] int64 addresses of each expert's packed weight."""
+    _need(x.dtype == torch.bfloat16 and x.shape[1] % 2 == 0 and intermediate % 2 == 0, "moe_bf16 shapes")
+    _need(w13.shape == w2.shape == (num_local,), "moe_bf16 tables")
+    return _moe_layer(library().fn("moe_bf16"), x, expert_ids, kept, weights, first, num_local, intermediate,
+                      w13, w2)
+
+
+def _moe_layer(kernel, x: torch.Tensor, expert_ids: torch.Tensor, kept: torch.Tensor | None,
+               weights: torch.Tensor, first: int, num_local: int, intermediate: int, w13: torch.Tensor,
+               w2: torch.Tensor) -> torch.Tensor:
     t, k = expert_ids.shape
-    h = x.shape[1]
-    _need(x.stride(1) == 1 and expert_ids.dtype == torch.int64 and weights.dtype == torch.float32, "moe_int8 inputs")
-    _need(w13.shape == w2.shape == (3, num_local) and w13.dtype == w2.dtype == torch.int64, "moe_int8 tables")
+    _need(x.stride(1) == 1 and expert_ids.dtype == torch.int64 and weights.dtype == torch.float32, "MoE layer inputs")
+    _need(w13.dtype == w2.dtype == torch.int64 and w13.is_contiguous() and w2.is_contiguous(), "MoE layer tables")
     ids, w = expert_ids.contiguous(), weights.contiguous()
     kept = None if kept is None else kept.contiguous()
-    out = torch.empty(t, h, dtype=x.dtype)
-    library().fn("moe_int8", x.dtype)(x.data_ptr(), x.stride(0), t, k, ids.data_ptr(), _ptr(kept), w.data_ptr(),
-                                      first, num_local, h, intermediate, w13.data_ptr(), w2.data_ptr(),
-                                      out.data_ptr())
+    out = torch.empty(t, x.shape[1], dtype=x.dtype)
+    kernel(x.data_ptr(), x.stride(0), t, k, ids.data_ptr(), _ptr(kept), w.data_ptr(), first, num_local, x.shape[1],
+           intermediate, w13.data_ptr(), w2.data_ptr(), out.data_ptr())
     return out
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.kernels import native, ops
-from moeserve.layers.linear import NativeInt8Weight, PackedWeight, WeightFormat, linear, pack_weight
+from moeserve.layers.linear import NativeBF16Weight, NativeInt8Weight, PackedWeight, WeightFormat, linear, pack_weight
 from moeserve.layers.routing import Routing
 from moeserve.models.config import ExpertActivation
 
@@ -70,12 +70,12 @@ class Experts(nn.Module):
         # After pack(): one packed weight per local expert, and w13 / w2 are None.
         self.packed: dict[str, list[PackedWeight]] = {}
         self.float32_io = False   # packed for an int8 kernel with float32 in and out: small batches then run in float32 (see _per_expert)
-        self._int8_tables: tuple[torch.Tensor, ...] | None = None   # see _native_int8_tables
+        self._fused: tuple | None = None     # see _fused_layer
 
     def pack(self, name: str, stacked: torch.Tensor, fmt: WeightFormat) -> None:
         """Keeps w13 or w2 ([E_local, out, in]) only as one packed weight per expert."""
         self.packed[name] = [pack_weight(w, fmt) for w in stacked]
-        self._int8_tables = None
+        self._fused = None
         self.float32_io = fmt.computes_in_float32
         setattr(self, name, None)
 
@@ -119,10 +119,11 @@ class Experts(nn.Module):
         SwiGLU the whole layer is one call (ops.moe_int8, the same results again)."""
         t, k = routing.expert_ids.shape
         kept = routing.kept if routing.capacity_limited else None
-        tables = self._native_int8_tables()
-        if tables is not None:
-            return ops.moe_int8(x, routing.expert_ids, kept, routing.weights, self.first_expert, self.num_local,
-                                self.intermediate, *tables)
+        fused = self._fused_layer()
+        if fused is not None and (fused[0] is ops.moe_int8 or x.dtype == torch.bfloat16):
+            kernel, w13, w2 = fused
+            return kernel(x, routing.expert_ids, kept, routing.weights, self.first_expert, self.num_local,
+                          self.intermediate, w13, w2)
         order, sizes = ops.sort_routes(routing.expert_ids, kept, self.first_expert, self.num_local)   # [R]
         routed = t * k - sizes[-1]
         compute = torch.float32 if self.float32_io and routed <= _INT8_FLOAT32_MAX_ROUTES else x.dtype
@@ -130,17 +131,23 @@ class Experts(nn.Module):
         out_sorted = self._per_expert(x_sorted, sizes)                            # [routed, H]
         return ops.moe_combine(out_sorted, order, routing.weights, t, k, x.dtype)  # [T, H]
 
-    def _native_int8_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """w13's and w2's [3, E_local] addresses (packed, wsum, scale) for ops.moe_int8, built
-        once; None unless every expert is a NativeInt8Weight with a plain SwiGLU between."""
-        if self._int8_tables is None:
-            packed = [self.packed.get(name) for name in ("w13", "w2")]
-            usable = self.plain_swiglu and all(
-                p is not None and all(isinstance(w, NativeInt8Weight) for w in p) for p in packed)
-            self._int8_tables = tuple(
-                torch.tensor([[w.packed.data_ptr() for w in p], [w.wsum.data_ptr() for w in p],
-                              [w.scale.data_ptr() for w in p]], dtype=torch.int64) for p in packed) if usable else ()
-        return self._int8_tables or None
+    def _fused_layer(self) -> tuple | None:
+        """(ops.moe_int8 or ops.moe_bf16, w13's and w2's tables of addresses), built once; None
+        unless every expert is packed for one of those kernels with a plain SwiGLU between."""
+        if self._fused is None:
+            self._fused = ()
+            experts = [self.packed.get("w13"), self.packed.get("w2")]
+            if self.plain_swiglu and all(experts):
+                weights = experts[0] + experts[1]
+                if all(isinstance(w, NativeInt8Weight) for w in weights):
+                    self._fused = (ops.moe_int8, *(torch.tensor(
+                        [[w.packed.data_ptr() for w in p], [w.wsum.data_ptr() for w in p],
+                         [w.scale.data_ptr() for w in p]], dtype=torch.int64) for p in experts))
+                elif all(isinstance(w, NativeBF16Weight) for w in weights) \
+                        and self.intermediate % 2 == 0 and experts[1][0].out_features % 2 == 0:   # rows of even length
+                    self._fused = (ops.moe_bf16, *(torch.tensor([w.packed.data_ptr() for w in p], dtype=torch.int64)
+                                                   for p in experts))
+        return self._fused or None
 
     def _one_token(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """A single token (a one-stream decode): its K experts in turn, with none of the sorting

@@ -380,3 +380,35 @@ def test_moe_int8_is_the_unfused_chain_bit_for_bit(kernels, dtype, tokens, k, fi
     tables = [torch.tensor([[w[i][j].data_ptr() for w in experts] for j in range(3)]) for i in range(2)]
     got = ops.moe_int8(x, ids, kept, weights, first, num_local, inter, *tables)
     assert torch.equal(got, _unfused_moe_int8(x, ids, kept, weights, first, num_local, inter, experts))
+
+
+def _unfused_moe_bf16(x, ids, kept, weights, first, num_local, inter, experts):
+    t, k = ids.shape
+    order, sizes = ops.sort_routes(ids, kept, first, num_local)
+    routed = t * k - sizes[-1]
+    rows = ops.gather_rows(x, order, k, routed, x.dtype)
+    starts = [sum(sizes[:e]) for e in range(num_local)]
+    chunks = [(e, starts[e], starts[e] + n) for e, n in enumerate(sizes[:-1]) if n]
+    gate_up = torch.cat([ops.bf16_linear(rows[a:b], experts[e][0], None, 2 * inter) for e, a, b in chunks] or [rows[:0, :1]])
+    hidden = ops.swiglu(gate_up) if routed else gate_up
+    y = torch.cat([ops.bf16_linear(hidden[a:b], experts[e][1], None, x.shape[1]) for e, a, b in chunks]
+                  or [x.new_zeros(0, x.shape[1])])
+    return ops.moe_combine(y, order, weights, t, k, x.dtype)
+
+
+@pytest.mark.parametrize("tokens,k,first,num_local,drop", [(1, 2, 0, 6, False), (16, 2, 0, 6, False),
+                                                           (40, 4, 0, 6, True), (24, 2, 1, 4, True)])
+def test_moe_bf16_is_the_unfused_chain_bit_for_bit(kernels, tokens, k, first, num_local, drop):
+    torch.manual_seed(tokens * 10 + k)
+    h, inter, num_experts = 50, 40, 6
+    experts = [(ops.bf16_pack(torch.randn(2 * inter, h) * 0.2), ops.bf16_pack(torch.randn(h, inter) * 0.2))
+               for _ in range(num_local)]
+    x = torch.randn(tokens, h + 6).bfloat16()[:, 3:3 + h]
+    ids = torch.stack([torch.randperm(num_experts)[:k] for _ in range(tokens)])
+    if tokens >= 16:
+        ids[: tokens // 2] = ids[0]                                # one expert gets > 8 rows
+    weights = torch.rand(tokens, k)
+    kept = torch.rand(tokens, k) > 0.3 if drop else None
+    tables = [torch.tensor([w[i].data_ptr() for w in experts]) for i in range(2)]
+    got = ops.moe_bf16(x, ids, kept, weights, first, num_local, inter, *tables)
+    assert torch.equal(got, _unfused_moe_bf16(x, ids, kept, weights, first, num_local, inter, experts))
