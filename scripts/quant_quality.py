@@ -7,8 +7,8 @@ Random prompts (fixed seed) are extended by greedy tokens of the unquantized ref
 the reference and each variant score the same full sequences, one prefill per sequence, and the
 next-token distributions are compared at every position of the generated part (and at all
 positions): mean and max KL(ref || variant) in float64, and top-1 agreement. Variants: int8 (lm_head
-in full precision, --no-quantize-lm-head), int8 with its lm_head (the default), and, on a CPU with bf16 instructions, plain bf16
-against float32 as a yardstick for what "close" means. `--schemes weight-only,q8_0` adds other int8
+in full precision, --no-quantize-lm-head), int8 with its lm_head (the default), and, on a CPU with
+bf16 instructions, plain bf16 against float32 as a yardstick for what "close" means. `--schemes weight-only,q8_0` adds other int8
 schemes simulated in float (scripts/int8_schemes.py): weight-only int8, and llama.cpp's Q8_0.
 """
 
