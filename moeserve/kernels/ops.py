@@ -169,7 +169,8 @@ def _moe_layer(kernel, x: torch.Tensor, expert_ids: torch.Tensor, kept: torch.Te
                weights: torch.Tensor, first: int, num_local: int, intermediate: int, w13: torch.Tensor,
                w2: torch.Tensor) -> torch.Tensor:
     t, k = expert_ids.shape
-    _need(x.stride(1) == 1 and expert_ids.dtype == torch.int64 and weights.dtype == torch.float32, "MoE layer inputs")
+    _need(x.stride(1) == 1 and expert_ids.dtype == torch.int64 and weights.dtype == torch.float32
+          and (kept is None or kept.dtype == torch.bool), "MoE layer inputs")
     _need(w13.dtype == w2.dtype == torch.int64 and w13.is_contiguous() and w2.is_contiguous(), "MoE layer tables")
     ids, w = expert_ids.contiguous(), weights.contiguous()
     kept = None if kept is None else kept.contiguous()

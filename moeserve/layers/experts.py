@@ -115,8 +115,9 @@ class Experts(nn.Module):
     def _forward_native(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """forward() on the CPU with the native kernels: sort, gather, SwiGLU and the weighted
         combine are one call each (the same results; PyTorch spends ~12 small ops on them).
-        Only the routed rows are gathered and computed. With native int8 weights and a plain
-        SwiGLU the whole layer is one call (ops.moe_int8, the same results again)."""
+        Only the routed rows are gathered and computed. With native int8 (or bf16) weights and
+        a plain SwiGLU the whole layer is one call (ops.moe_int8 / moe_bf16: the same results
+        again, see _fused_layer)."""
         t, k = routing.expert_ids.shape
         kept = routing.kept if routing.capacity_limited else None
         fused = self._fused_layer()
