@@ -214,10 +214,10 @@ static inline __m512 sum16x16(const __m512 *r) {
 /* Prefetches the cache rows (row_bytes each) of up to 16 slots: the next chunk's keys, the
  * values the block will sum. The context is scattered over cache blocks in any order, which
  * the hardware prefetchers cannot follow. */
-#define prefetch_rows(base, slot_list, avail, row_bytes, hint)                                  \
-    for (int64_t p_ = 0; p_ < 16 && p_ < (avail); p_++)                                         \
-        for (int64_t b_ = 0; b_ < (int64_t)(row_bytes); b_ += 64)                               \
-            _mm_prefetch((const char *)(base) + (slot_list)[p_] * (int64_t)(row_bytes) + b_, hint);
+#define PREFETCH_ROWS(base, slots, avail, row_bytes, hint)                                      \
+    for (int64_t p = 0; p < 16 && p < (avail); p++)                                             \
+        for (int64_t b = 0; b < (row_bytes); b += 64)                                           \
+            _mm_prefetch((const char *)(base) + (slots)[p] * (row_bytes) + b, hint);
 
 /* scores[h][0..count) for the G heads of one kv head against kf [count, D] (D = 16 * CHUNKS). */
 static inline __attribute__((always_inline)) void score_heads(const float *qf, const float *kf, int count,
@@ -284,8 +284,8 @@ static inline __attribute__((always_inline)) void attend_tiled_body_##SUFFIX(   
         const int64_t n = hi - j0 < ATTN_BLOCK ? hi - j0 : ATTN_BLOCK;                          \
         for (int64_t js = 0; js < n; js += 16) {                                                \
             const int count = n - js < 16 ? (int)(n - js) : 16;                                 \
-            prefetch_rows(k, slots + j0 + js + 16, hi - (j0 + js + 16), row * sizeof(T), _MM_HINT_T0); \
-            prefetch_rows(v, slots + j0 + js, count, row * sizeof(T), _MM_HINT_T1);             \
+            PREFETCH_ROWS(k, slots + j0 + js + 16, hi - (j0 + js + 16), row * (int64_t)sizeof(T), _MM_HINT_T0); \
+            PREFETCH_ROWS(v, slots + j0 + js, count, row * (int64_t)sizeof(T), _MM_HINT_T1);    \
             for (int64_t kh = 0; kh < nkv; kh++) {                                              \
                 for (int j = 0; j < count; j++)                                                 \
                     row_to_f32_##SUFFIX(k + slots[j0 + js + j] * row + kh * d, d, kf + j * d);  \
@@ -908,18 +908,26 @@ typedef struct {
     int64_t xq_row;                /* its first row in the quantized blocks (rows padded to passes) */
 } ExpertRows;
 
-/* The local experts with routes, in order; returns how many, and the padded row total. */
-static int64_t expert_rows(const int64_t *sizes, int64_t num_local, ExpertRows *act, int64_t *xq_rows) {
-    int64_t active = 0, start = 0, padded = 0;
+/* What both MoE layer kernels start from: the routes sorted by local expert (order [R], its
+ * inverse pos [R], sizes [E_local + 1] as moe_sort_routes), the local experts with routes in
+ * act (*active of them) and their padded row total (*xq_rows, may be NULL); returns the routed
+ * count (routes of other ranks' experts and dropped ones sort last). */
+static int64_t moe_routes(const int64_t *ids, const uint8_t *kept, int64_t routes, int64_t first, int64_t num_local,
+                          int64_t *order, int64_t *pos, int64_t *sizes, ExpertRows *act, int64_t *active,
+                          int64_t *xq_rows) {
+    moe_sort_routes(ids, kept, routes, first, num_local, order, sizes);
+    for (int64_t i = 0; i < routes; i++) pos[order[i]] = i;
+    int64_t n = 0, start = 0, padded = 0;
     for (int64_t e = 0; e < num_local; e++) {
         if (sizes[e]) {
-            act[active++] = (ExpertRows){e, start, sizes[e], padded};
+            act[n++] = (ExpertRows){e, start, sizes[e], padded};
             padded += round_up(sizes[e], pass_rows(sizes[e]));
         }
         start += sizes[e];
     }
-    *xq_rows = padded;
-    return active;
+    *active = n;
+    if (xq_rows) *xq_rows = padded;
+    return routes - sizes[num_local];
 }
 
 #define DEFINE_MOE_INT8(SUFFIX, T)                                                              \
@@ -932,11 +940,9 @@ void moe_int8_##SUFFIX(const T *x, int64_t x_stride, int64_t tokens, int64_t k, 
     int64_t *order = malloc(sizeof(int64_t) * routes * 2), *pos = order + routes;               \
     int64_t sizes[num_local + 1];                                                               \
     ExpertRows act[num_local > 0 ? num_local : 1];                                              \
-    moe_sort_routes(ids, kept, routes, first, num_local, order, sizes);                         \
-    for (int64_t i = 0; i < routes; i++) pos[order[i]] = i;                                     \
-    const int64_t routed = routes - sizes[num_local];                                           \
-    int64_t xq_rows;                                                                            \
-    const int64_t active = expert_rows(sizes, num_local, act, &xq_rows);                        \
+    int64_t active, xq_rows;                                                                    \
+    const int64_t routed = moe_routes(ids, kept, routes, first, num_local, order, pos, sizes, act, &active, \
+                                      &xq_rows);                                                \
     uint8_t *xq13 = malloc((size_t)(xq_rows * k4_13 + 1)), *xq2 = malloc((size_t)(xq_rows * k4_2 + 1)); \
     float *xs = malloc(sizeof(float) * (routed + 1) * 2), *hs = xs + routed + 1;                \
     T *gate_up = malloc(sizeof(T) * (routed * n13 + 1));                                        \
@@ -1084,11 +1090,8 @@ void moe_bf16(const bf16 *x, int64_t x_stride, int64_t tokens, int64_t k, const 
     int64_t *order = malloc(sizeof(int64_t) * routes * 2), *pos = order + routes;
     int64_t sizes[num_local + 1];
     ExpertRows act[num_local > 0 ? num_local : 1];
-    moe_sort_routes(ids, kept, routes, first, num_local, order, sizes);
-    for (int64_t i = 0; i < routes; i++) pos[order[i]] = i;
-    const int64_t routed = routes - sizes[num_local];
-    int64_t padded_rows;
-    const int64_t active = expert_rows(sizes, num_local, act, &padded_rows);
+    int64_t active;
+    const int64_t routed = moe_routes(ids, kept, routes, first, num_local, order, pos, sizes, act, &active, NULL);
     bf16 *rows = malloc(sizeof(bf16) * (routed * (h + n13 + inter + h) + 1));
     bf16 *gate_up = rows + routed * h, *hidden = gate_up + routed * n13, *y = hidden + routed * inter;
     _Pragma("omp parallel")
